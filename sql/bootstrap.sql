@@ -1,0 +1,23 @@
+-- Declared secret columns. pg_dump keeps this table's rows, so a restored
+-- database knows which columns hold references.
+CREATE TABLE vault_redirect.secret_columns (
+    table_schema name NOT NULL,
+    table_name name NOT NULL,
+    column_name name NOT NULL,
+    -- 'kv': a key/value table whose path_column gives each row's KV path;
+    -- 'column': a wide table, the path made of path_prefix, the primary
+    -- key values and the column name.
+    shape text NOT NULL CHECK (shape IN ('kv', 'column')),
+    path_column name,
+    key_columns name[] NOT NULL DEFAULT '{}',
+    path_prefix text NOT NULL DEFAULT '',
+    view_schema name NOT NULL,
+    declared_at timestamptz NOT NULL DEFAULT now(),
+    migrated_at timestamptz,
+    PRIMARY KEY (table_schema, table_name, column_name),
+    CHECK ((shape = 'kv') = (path_column IS NOT NULL))
+);
+SELECT pg_catalog.pg_extension_config_dump('vault_redirect.secret_columns', '');
+
+COMMENT ON TABLE vault_redirect.secret_columns IS
+    'Columns whose secrets vault_redirect keeps in Vault KV v2';

@@ -1,0 +1,36 @@
+//! vault_redirect: keeps an application's secrets in Vault or OpenBao KV v2
+//! and resolves references to them at query time.
+
+use pgrx::prelude::*;
+
+mod backend;
+mod config;
+mod configure;
+mod declare;
+mod errors;
+mod gucs;
+mod migrate;
+mod read;
+mod reference;
+mod resolve;
+mod status;
+mod vault;
+
+pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/bootstrap.sql", bootstrap);
+extension_sql_file!("../sql/finalize.sql", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::register();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,37 @@
+//! Raw reads of a KV entry under the secrets path, for roles granted them.
+
+use pgrx::prelude::*;
+use pgrx::{JsonB, PgSqlErrorCode};
+
+use crate::backend;
+use crate::errors::{Failure, OrRaise};
+use crate::reference;
+use crate::vault::{KvEntry, KvPath};
+
+/// Reads the latest version of the entry at `path` under the secrets path.
+pub fn fetch(path: &str) -> Result<KvEntry, Failure> {
+    let path = KvPath::parse(path)?;
+    backend::with_client(|client, _| Ok(client.kv_read(&path)?))
+}
+
+/// Returns one key of the entry at `path`, as text. Not executable by PUBLIC.
+#[pg_extern(volatile, parallel_unsafe)]
+fn read(path: &str, key: default!(&str, "'secret'")) -> Option<String> {
+    let entry = fetch(path).or_raise();
+    reference::kv_to_text(&entry.data, key)
+        .map_err(|reason| {
+            Failure::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("no key \"{key}\" in the secret at \"{path}\""),
+            )
+            .detail(reason)
+            .hint("Use vault_redirect.read_json(path) to see the whole entry.")
+        })
+        .or_raise()
+}
+
+/// Returns the whole entry at `path` as a JSON object. Not executable by PUBLIC.
+#[pg_extern(volatile, parallel_unsafe)]
+fn read_json(path: &str) -> JsonB {
+    JsonB(serde_json::Value::Object(fetch(path).or_raise().data))
+}

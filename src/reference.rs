@@ -1,0 +1,117 @@
+//! The reference format left in a row once its secret is in Vault, and how
+//! a plaintext value maps to KV data.
+//!
+//! - jsonb column: `{"$vault_redirect": "<path>"}` when the row's value was
+//!   a JSON object and is the whole KV entry, or
+//!   `{"$vault_redirect": "<path>", "key": "secret"}` when it was a scalar or
+//!   an array, kept under that key as MAAS does.
+//! - text column: `$vault_redirect:<path>`, the value under key `secret`.
+//!
+//! `<path>` is relative to the configured secrets path. A value counts as a
+//! reference only when it is exactly the reference its own row would get,
+//! so a plaintext value that merely looks like one is never mistaken for
+//! it, and a reference copied into another row is rejected.
+
+use serde_json::{Map, Value};
+
+pub const JSON_KEY: &str = "$vault_redirect";
+pub const TEXT_PREFIX: &str = "$vault_redirect:";
+/// The KV key that holds a value which is not a JSON object.
+pub const SCALAR_KEY: &str = "secret";
+
+/// Returns the reference a jsonb value is, if it has the reference shape.
+pub fn parse_json(value: &Value) -> Option<(String, Option<String>)> {
+    let object = value.as_object()?;
+    let path = object.get(JSON_KEY)?.as_str()?.to_owned();
+    match (object.len(), object.get("key")) {
+        (1, None) => Some((path, None)),
+        (2, Some(Value::String(key))) => Some((path, Some(key.clone()))),
+        _ => None,
+    }
+}
+
+pub fn json_reference(path: &str, key: Option<&str>) -> Value {
+    let mut object = Map::new();
+    object.insert(JSON_KEY.into(), Value::String(path.into()));
+    if let Some(key) = key {
+        object.insert("key".into(), Value::String(key.into()));
+    }
+    Value::Object(object)
+}
+
+pub fn text_reference(path: &str) -> String {
+    format!("{TEXT_PREFIX}{path}")
+}
+
+/// Splits a plaintext jsonb value into KV data and the key that holds it.
+pub fn json_to_kv(value: Value) -> (Map<String, Value>, Option<&'static str>) {
+    match value {
+        Value::Object(map) => (map, None),
+        other => {
+            let mut map = Map::new();
+            map.insert(SCALAR_KEY.into(), other);
+            (map, Some(SCALAR_KEY))
+        }
+    }
+}
+
+pub fn text_to_kv(value: &str) -> Map<String, Value> {
+    let mut map = Map::new();
+    map.insert(SCALAR_KEY.into(), Value::String(value.into()));
+    map
+}
+
+/// Returns the jsonb value a reference stands for, given its KV data.
+pub fn kv_to_json(mut data: Map<String, Value>, key: Option<&str>) -> Result<Value, String> {
+    match key {
+        None => Ok(Value::Object(data)),
+        Some(key) => data.remove(key).ok_or_else(|| missing_key(key, &data)),
+    }
+}
+
+/// Returns the text a text reference stands for, given its KV data. A JSON
+/// null gives SQL NULL; a non-string value gives its JSON text.
+pub fn kv_to_text(data: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match data.get(key) {
+        None => Err(missing_key(key, data)),
+        Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Ok(Some(other.to_string())),
+    }
+}
+
+fn missing_key(key: &str, data: &Map<String, Value>) -> String {
+    let keys: Vec<&str> = data.keys().map(String::as_str).collect();
+    format!(
+        "the entry has no key \"{key}\"; its keys are: {}",
+        if keys.is_empty() {
+            "(none)".to_owned()
+        } else {
+            keys.join(", ")
+        }
+    )
+}
+
+/// Escapes one value so that it is exactly one KV path segment: `%` and `/`
+/// are percent-encoded, and an empty, `.` or `..` value gets a leading `%`,
+/// which no escaped value can otherwise start with alone.
+pub fn escape_segment(value: &str) -> String {
+    let escaped = value.replace('%', "%25").replace('/', "%2F");
+    match escaped.as_str() {
+        "" | "." | ".." => format!("%{escaped}"),
+        _ => escaped,
+    }
+}
+
+/// Returns the KV path of one secret column of one row of a wide table:
+/// the prefix, each primary key value, then the column name.
+pub fn row_path(prefix: &str, key_values: &[String], column: &str) -> String {
+    let mut path = prefix.to_owned();
+    for value in key_values {
+        path.push('/');
+        path.push_str(&escape_segment(value));
+    }
+    path.push('/');
+    path.push_str(&escape_segment(column));
+    path
+}

@@ -1,0 +1,442 @@
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, Url};
+use serde_json::{json, Map, Value};
+
+use super::error::VaultError;
+use super::path::KvPath;
+use super::secret::Secret;
+use super::transport::{origin, RawResponse, Transport};
+
+/// The longest a token is given back before it expires.
+const MAX_RENEW_MARGIN: Duration = Duration::from_secs(10);
+
+/// AppRole credentials of one server.
+#[derive(Clone)]
+pub struct AppRole {
+    /// The auth mount, `approle` unless the operator mounted it elsewhere.
+    pub auth_mount: String,
+    pub role_id: String,
+    pub secret_id: Secret,
+}
+
+/// The latest version of one KV v2 entry.
+#[derive(Debug, Clone)]
+pub struct KvEntry {
+    pub data: Map<String, Value>,
+    pub version: u64,
+}
+
+/// What `sys/wrapping/lookup` tells about a wrapping token.
+#[derive(Debug, Clone)]
+pub struct WrapInfo {
+    pub creation_path: String,
+}
+
+/// What `sys/seal-status` reports; it needs no token.
+#[derive(Debug, Clone)]
+pub struct SealStatus {
+    pub sealed: bool,
+    pub initialized: bool,
+    pub version: String,
+}
+
+struct Token {
+    value: Secret,
+    /// When to log in again; `None` for a token that never expires.
+    renew_after: Option<Instant>,
+}
+
+/// A client for one Vault address, one KV v2 mount and one path prefix.
+pub struct VaultClient {
+    transport: Rc<Transport>,
+    abort: fn() -> bool,
+    addr: Url,
+    mount: KvPath,
+    prefix: KvPath,
+    approle: Option<AppRole>,
+    token: Option<Token>,
+}
+
+impl VaultClient {
+    pub fn new(
+        transport: Rc<Transport>,
+        abort: fn() -> bool,
+        addr: Url,
+        mount: KvPath,
+        prefix: KvPath,
+        approle: Option<AppRole>,
+    ) -> Self {
+        VaultClient {
+            transport,
+            abort,
+            addr,
+            mount,
+            prefix,
+            approle,
+            token: None,
+        }
+    }
+
+    pub fn set_approle(&mut self, approle: AppRole) {
+        self.approle = Some(approle);
+        self.token = None;
+    }
+
+    /// Seconds left before this backend's token is renewed by a new login.
+    pub fn token_ttl(&self) -> Option<Duration> {
+        let token = self.token.as_ref()?;
+        Some(match token.renew_after {
+            Some(at) => at.saturating_duration_since(Instant::now()),
+            None => Duration::MAX,
+        })
+    }
+
+    /// Returns the API path of a KV entry's data, as messages show it.
+    pub fn data_path(&self, relative: &KvPath) -> String {
+        format!("{}/data/{}", self.mount, self.prefix.join(relative))
+    }
+
+    /// Logs in with the AppRole, replacing any token this client holds.
+    pub fn login(&mut self) -> Result<(), VaultError> {
+        let approle = self
+            .approle
+            .clone()
+            .ok_or_else(|| VaultError::AuthenticationFailed {
+                api_path: "auth/approle/login".into(),
+                detail: "no AppRole credentials are configured".into(),
+            })?;
+        let api_path = format!("auth/{}/login", approle.auth_mount);
+        let body = json!({
+            "role_id": approle.role_id,
+            "secret_id": approle.secret_id.expose(),
+        });
+        let response = self.send(Method::POST, &api_path, None, Some(body))?;
+        let redact = [approle.secret_id.expose()];
+        let value = match response.status {
+            400 | 401 | 403 => {
+                return Err(VaultError::AuthenticationFailed {
+                    api_path,
+                    detail: vault_errors(&response.body, &redact),
+                })
+            }
+            _ => self.check("log in at", &api_path, response, &redact)?,
+        };
+        let auth = &value["auth"];
+        let token = auth["client_token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| VaultError::InvalidResponse {
+                operation: "log in at",
+                api_path: api_path.clone(),
+                detail: "no auth.client_token in the answer".into(),
+            })?;
+        let ttl = auth["lease_duration"].as_u64().unwrap_or(0);
+        let renew_after = (ttl > 0).then(|| {
+            let ttl = Duration::from_secs(ttl);
+            Instant::now() + ttl - (ttl / 5).min(MAX_RENEW_MARGIN)
+        });
+        self.token = Some(Token {
+            value: Secret::new(token),
+            renew_after,
+        });
+        Ok(())
+    }
+
+    /// Reads the latest version of the entry at `relative` under the prefix.
+    pub fn kv_read(&mut self, relative: &KvPath) -> Result<KvEntry, VaultError> {
+        let path = self.prefix.join(relative);
+        let api_path = format!("{}/data/{}", self.mount, path);
+        let encoded = format!("{}/data/{}", self.mount.encoded(), path.encoded());
+        let value = self.authed("read", Method::GET, &api_path, &encoded, None)?;
+        let data = &value["data"];
+        let version = data["metadata"]["version"].as_u64().unwrap_or(0);
+        match &data["data"] {
+            Value::Object(map) => Ok(KvEntry {
+                data: map.clone(),
+                version,
+            }),
+            _ => Err(VaultError::NotFound {
+                api_path,
+                detail: format!("version {version} has no data"),
+            }),
+        }
+    }
+
+    /// Writes a new version of the entry at `relative` and returns its number.
+    /// With `cas`, Vault writes only if the current version is that number.
+    pub fn kv_write(
+        &mut self,
+        relative: &KvPath,
+        data: &Map<String, Value>,
+        cas: Option<u64>,
+    ) -> Result<u64, VaultError> {
+        let path = self.prefix.join(relative);
+        let api_path = format!("{}/data/{}", self.mount, path);
+        let encoded = format!("{}/data/{}", self.mount.encoded(), path.encoded());
+        let mut body = json!({ "data": data });
+        if let Some(cas) = cas {
+            body["options"] = json!({ "cas": cas });
+        }
+        let value = self.authed("write", Method::POST, &api_path, &encoded, Some(body))?;
+        value["data"]["version"]
+            .as_u64()
+            .ok_or_else(|| VaultError::InvalidResponse {
+                operation: "write",
+                api_path,
+                detail: "no data.version in the answer".into(),
+            })
+    }
+
+    /// Deletes every version and the metadata of the entry at `relative`.
+    pub fn kv_delete_all(&mut self, relative: &KvPath) -> Result<(), VaultError> {
+        let path = self.prefix.join(relative);
+        let api_path = format!("{}/metadata/{}", self.mount, path);
+        let encoded = format!("{}/metadata/{}", self.mount.encoded(), path.encoded());
+        self.authed("delete", Method::DELETE, &api_path, &encoded, None)
+            .map(|_| ())
+    }
+
+    /// Lists the keys directly under the prefix, or under `relative` below it.
+    /// Folders end in `/`. A folder with nothing in it lists as empty.
+    pub fn kv_list(&mut self, relative: Option<&KvPath>) -> Result<Vec<String>, VaultError> {
+        let path = match relative {
+            Some(relative) => self.prefix.join(relative),
+            None => self.prefix.clone(),
+        };
+        let api_path = format!("{}/metadata/{}/", self.mount, path);
+        let encoded = format!(
+            "{}/metadata/{}/?list=true",
+            self.mount.encoded(),
+            path.encoded()
+        );
+        let value = match self.authed("list", Method::GET, &api_path, &encoded, None) {
+            Err(VaultError::NotFound { .. }) => return Ok(Vec::new()),
+            other => other?,
+        };
+        Ok(value["data"]["keys"]
+            .as_array()
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| k.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Looks a wrapping token up without using it.
+    pub fn wrapping_lookup(&self, wrapped: &Secret) -> Result<WrapInfo, VaultError> {
+        let api_path = "sys/wrapping/lookup";
+        let body = json!({ "token": wrapped.expose() });
+        let response = self.send(Method::POST, api_path, None, Some(body))?;
+        let redact = [wrapped.expose()];
+        if response.status == 400 || response.status == 403 {
+            return Err(VaultError::WrappingTokenInvalid {
+                detail: vault_errors(&response.body, &redact),
+            });
+        }
+        let value = self.check("look up", api_path, response, &redact)?;
+        Ok(WrapInfo {
+            creation_path: value["data"]["creation_path"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        })
+    }
+
+    /// Unwraps a response-wrapping token that holds an AppRole secret_id.
+    /// This uses the token up: a second call fails.
+    pub fn unwrap_secret_id(&self, wrapped: &Secret) -> Result<Secret, VaultError> {
+        let api_path = "sys/wrapping/unwrap";
+        let response = self.send(Method::POST, api_path, Some(wrapped), None)?;
+        let redact = [wrapped.expose()];
+        if response.status == 400 || response.status == 403 {
+            return Err(VaultError::WrappingTokenInvalid {
+                detail: vault_errors(&response.body, &redact),
+            });
+        }
+        let value = self.check("unwrap at", api_path, response, &redact)?;
+        value["data"]["secret_id"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(Secret::new)
+            .ok_or_else(|| VaultError::InvalidResponse {
+                operation: "unwrap at",
+                api_path: api_path.into(),
+                detail: "the wrapped answer holds no data.secret_id".into(),
+            })
+    }
+
+    /// Reads `sys/seal-status`, which answers without a token.
+    pub fn seal_status(&self) -> Result<SealStatus, VaultError> {
+        let api_path = "sys/seal-status";
+        let response = self.send(Method::GET, api_path, None, None)?;
+        let value = self.check("read", api_path, response, &[])?;
+        Ok(SealStatus {
+            sealed: value["sealed"].as_bool().unwrap_or(true),
+            initialized: value["initialized"].as_bool().unwrap_or(false),
+            version: value["version"].as_str().unwrap_or_default().to_owned(),
+        })
+    }
+
+    /// Sends a request with this client's token, logging in first when it
+    /// has none or it is about to expire. A 403 on a token that was not
+    /// fresh leads to one new login and one more try: an expired or revoked
+    /// token and a policy denial answer alike.
+    fn authed(
+        &mut self,
+        operation: &'static str,
+        method: Method,
+        api_path: &str,
+        encoded: &str,
+        body: Option<Value>,
+    ) -> Result<Value, VaultError> {
+        let mut fresh = false;
+        if self.token_expired() {
+            self.login()?;
+            fresh = true;
+        }
+        loop {
+            let token = self.token.as_ref().map(|t| t.value.clone());
+            let response = self.send(method.clone(), encoded, token.as_ref(), body.clone())?;
+            if response.status == 403 && !fresh {
+                self.login()?;
+                fresh = true;
+                continue;
+            }
+            let redact: Vec<&str> = token.iter().map(Secret::expose).collect();
+            return self.check(operation, api_path, response, &redact);
+        }
+    }
+
+    fn token_expired(&self) -> bool {
+        match &self.token {
+            None => true,
+            Some(Token {
+                renew_after: Some(at),
+                ..
+            }) => Instant::now() >= *at,
+            Some(_) => false,
+        }
+    }
+
+    fn send(
+        &self,
+        method: Method,
+        encoded_api_path: &str,
+        token: Option<&Secret>,
+        body: Option<Value>,
+    ) -> Result<RawResponse, VaultError> {
+        let url = self.url(encoded_api_path)?;
+        let body = body.map(|b| b.to_string().into_bytes());
+        self.transport.send(method, url, token, body, &self.abort)
+    }
+
+    fn url(&self, encoded_api_path: &str) -> Result<Url, VaultError> {
+        let base = self.addr.as_str().trim_end_matches('/');
+        Url::parse(&format!("{base}/v1/{encoded_api_path}")).map_err(|e| {
+            VaultError::InvalidResponse {
+                operation: "build a URL for",
+                api_path: encoded_api_path.to_owned(),
+                detail: e.to_string(),
+            }
+        })
+    }
+
+    /// Turns a response into its JSON body or the error its status means.
+    fn check(
+        &self,
+        operation: &'static str,
+        api_path: &str,
+        response: RawResponse,
+        redact: &[&str],
+    ) -> Result<Value, VaultError> {
+        let api_path = api_path.to_owned();
+        match response.status {
+            200..=299 if response.body.is_empty() => Ok(Value::Null),
+            200..=299 => {
+                serde_json::from_slice(&response.body).map_err(|e| VaultError::InvalidResponse {
+                    operation,
+                    api_path,
+                    detail: format!("the body is not JSON: {e}"),
+                })
+            }
+            300..=399 => Err(VaultError::Redirect {
+                url: origin(&self.addr),
+                location: response
+                    .location
+                    .unwrap_or_else(|| "no Location header".into()),
+            }),
+            403 => Err(VaultError::PermissionDenied {
+                operation,
+                api_path,
+                detail: vault_errors(&response.body, redact),
+            }),
+            404 => Err(VaultError::NotFound {
+                detail: not_found_detail(&response.body, redact),
+                api_path,
+            }),
+            429 => Err(VaultError::RateLimited {
+                api_path,
+                detail: vault_errors(&response.body, redact),
+            }),
+            503 if vault_errors(&response.body, redact).contains("sealed") => {
+                Err(VaultError::Sealed {
+                    url: origin(&self.addr),
+                })
+            }
+            status => Err(VaultError::Status {
+                status,
+                operation,
+                api_path,
+                detail: vault_errors(&response.body, redact),
+            }),
+        }
+    }
+}
+
+/// Joins the `errors` array of a Vault error body, with any secret the
+/// request carried cut out in case Vault echoes it.
+fn vault_errors(body: &[u8], redact: &[&str]) -> String {
+    let text = match serde_json::from_slice::<Value>(body) {
+        Ok(value) => match value["errors"].as_array() {
+            Some(errors) => errors
+                .iter()
+                .map(|e| {
+                    e.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| e.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            None => String::new(),
+        },
+        Err(_) => String::from_utf8_lossy(body).chars().take(200).collect(),
+    };
+    redact_text(text, redact)
+}
+
+/// Explains a 404 on a KV read: a deleted or destroyed version answers
+/// 404 with its metadata, a path that never existed with nothing.
+fn not_found_detail(body: &[u8], redact: &[&str]) -> String {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return String::new();
+    };
+    let metadata = &value["data"]["metadata"];
+    let version = metadata["version"].as_u64().unwrap_or(0);
+    if metadata["destroyed"].as_bool() == Some(true) {
+        return format!("version {version} was destroyed");
+    }
+    if let Some(at) = metadata["deletion_time"].as_str().filter(|t| !t.is_empty()) {
+        return format!("version {version} was deleted at {at}");
+    }
+    vault_errors(body, redact)
+}
+
+fn redact_text(mut text: String, redact: &[&str]) -> String {
+    for secret in redact.iter().filter(|s| !s.is_empty()) {
+        text = text.replace(secret, "<redacted>");
+    }
+    text
+}
