@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# End-to-end demo of vault_redirect on MAAS-shaped tables, as root on a
+# Debian 12 machine.
+#
+# Runs setup.sh, then starts an OpenBao dev server and a PostgreSQL 15
+# cluster on free 127.0.0.1 ports in a temporary folder. It sets up AppRole
+# login for the extension and runs scripts/demo.sql, which moves the secrets
+# from the tables to OpenBao and reads them back through the resolved views.
+# Finally it changes a secret directly in OpenBao, shows the view again and
+# shows the extension's status.
+#
+# Usage: scripts/demo.sh [--release]
+#   --release  build the extension with the release profile (passed to setup.sh)
+# Both servers are stopped and the folder removed on exit, unless KEEP=1:
+# then the script prints how to connect to them and how to stop them.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$repo_root/scripts/common.sh"
+
+bash "$repo_root/scripts/setup.sh" "$@"
+add_tool_paths
+
+# Inherited settings must not point the CLI or psql at another server.
+while read -r name; do
+  unset "$name"
+done < <(compgen -e | grep -E '^(BAO_|VAULT_|PG)' | grep -v '^PGRX_' || true)
+
+secrets_mount=secret
+secrets_path=maas
+role=pg-primary
+policy="$role-policy"
+
+work_dir="$(mktemp -d /tmp/vault_redirect_demo.XXXXXX)"
+# The postgres user must traverse it. The OpenBao home below stays private.
+chmod 755 "$work_dir"
+bao_home="$work_dir/bao"
+bao_log="$work_dir/bao.log"
+pg_dir="$work_dir/pg"
+pg_data="$pg_dir/data"
+pg_log="$pg_dir/postgresql.log"
+bao_pid=""
+pg_started=0
+
+run_as_postgres() {
+  local program="$1"
+  shift
+  (cd / && runuser -u postgres -- "$PG_BINDIR/$program" "$@")
+}
+
+psql_demo() {
+  run_as_postgres psql -X -v ON_ERROR_STOP=1 -h "$pg_data" -p "$pg_port" -d postgres "$@"
+}
+
+# Prints the end of the OpenBao log without the root token and unseal key.
+bao_log_tail() {
+  tail -n 20 "$bao_log" | grep -vE '^(Root Token|Unseal Key):' || true
+}
+
+# Prints the end of the PostgreSQL log without lines that contain the
+# role_id or the wrapping token: PostgreSQL logs the text of a failing
+# statement (log_min_error_statement), which includes the configure() call.
+pg_log_tail() {
+  local credentials=()
+  if [[ -n "${role_id:-}" ]]; then
+    credentials+=(-e "$role_id")
+  fi
+  if [[ -n "${wrapped:-}" ]]; then
+    credentials+=(-e "$wrapped")
+  fi
+  if ((${#credentials[@]} > 0)); then
+    tail -n 20 "$pg_log" | grep -vF "${credentials[@]}" || true
+  else
+    tail -n 20 "$pg_log" || true
+  fi
+}
+
+print_keep_instructions() {
+  cat <<EOF
+
+Servers kept running (KEEP=1):
+  PostgreSQL: runuser -u postgres -- $PG_BINDIR/psql -h $pg_data -p $pg_port -d postgres
+  OpenBao:    export BAO_ADDR=http://127.0.0.1:$bao_port
+              export BAO_TOKEN="\$(cat $bao_home/.vault-token)"   # root token
+  Stop both:  kill $bao_pid; runuser -u postgres -- $PG_BINDIR/pg_ctl stop -D $pg_data; rm -rf $work_dir
+EOF
+}
+
+cleanup() {
+  local status=$?
+  if [[ "$status" -ne 0 ]]; then
+    echo "demo.sh: failed with exit status $status" >&2
+    if [[ -f "$pg_log" ]]; then
+      echo "--- last lines of the PostgreSQL log ($pg_log)" >&2
+      pg_log_tail >&2
+    fi
+    if [[ -f "$bao_log" ]]; then
+      echo "--- last lines of the OpenBao log ($bao_log)" >&2
+      bao_log_tail >&2
+    fi
+  fi
+  if [[ "${KEEP:-0}" == 1 && -n "$bao_pid" ]]; then
+    print_keep_instructions
+    return
+  fi
+  if ((pg_started)); then
+    run_as_postgres pg_ctl stop -D "$pg_data" -m fast -w -s || true
+  fi
+  if [[ -n "$bao_pid" ]]; then
+    kill "$bao_pid" 2>/dev/null || true
+    wait "$bao_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work_dir"
+}
+trap cleanup EXIT
+
+# ---- OpenBao dev server --------------------------------------------------------
+
+# Dev mode also listens on the next port, for cluster traffic.
+bao_port="$(pick_free_port 2)"
+step "starting an OpenBao dev server on 127.0.0.1:$bao_port"
+mkdir -m 700 "$bao_home"
+# BAO_DEV_ROOT_TOKEN_ID sets the root token like -dev-root-token-id but keeps
+# it out of the process list. Dev mode also writes it to $bao_home/.vault-token.
+HOME="$bao_home" BAO_DEV_ROOT_TOKEN_ID="$(random_hex 16)" \
+  bao server -dev -dev-listen-address="127.0.0.1:$bao_port" >"$bao_log" 2>&1 &
+bao_pid=$!
+
+export BAO_ADDR="http://127.0.0.1:$bao_port"
+export VAULT_ADDR="$BAO_ADDR"
+bao_ready=0
+for _ in $(seq 1 200); do
+  # Dev mode writes the token file after the health endpoint comes up.
+  if curl -fsS -o /dev/null "$BAO_ADDR/v1/sys/health" 2>/dev/null &&
+    [[ -s "$bao_home/.vault-token" ]]; then
+    bao_ready=1
+    break
+  fi
+  if ! kill -0 "$bao_pid" 2>/dev/null; then
+    echo "demo.sh: the OpenBao dev server exited during startup" >&2
+    exit 1
+  fi
+  sleep 0.1
+done
+if ((!bao_ready)); then
+  echo "demo.sh: the OpenBao dev server at $BAO_ADDR was not ready within 20 s" >&2
+  exit 1
+fi
+BAO_TOKEN="$(cat "$bao_home/.vault-token")"
+export BAO_TOKEN
+
+# ---- AppRole login for the extension, as the OpenBao admin ---------------------
+
+step "enabling AppRole and writing the policy $policy for $secrets_mount/$secrets_path"
+bao auth enable approle
+bao policy write "$policy" - <<EOF
+path "$secrets_mount/metadata/$secrets_path/" { capabilities = ["list"] }
+path "$secrets_mount/metadata/$secrets_path/*" { capabilities = ["read", "update", "delete", "list"] }
+path "$secrets_mount/data/$secrets_path/*" { capabilities = ["read", "create", "update", "delete"] }
+EOF
+
+step "creating the role $role and a secret_id wrapped for 5 minutes"
+bao write "auth/approle/role/$role" token_ttl=5m token_no_default_policy=true \
+  token_policies="$policy"
+role_id="$(bao read -field=role_id "auth/approle/role/$role/role-id")"
+wrapped="$(bao write -wrap-ttl=5m -field=wrapping_token -f "auth/approle/role/$role/secret-id")"
+
+# ---- PostgreSQL 15 cluster -------------------------------------------------------
+
+pg_port="$(pick_free_port 1)"
+step "starting PostgreSQL 15 on 127.0.0.1:$pg_port"
+install -d -o postgres -g postgres -m 700 "$pg_dir"
+run_as_postgres initdb -D "$pg_data" --username=postgres --auth=trust --encoding=UTF8 \
+  --locale=C.UTF-8 --no-sync --no-instructions >"$work_dir/initdb.log"
+install -o postgres -g postgres -m 600 "$repo_root/pg_test_config/postgresql.conf" \
+  "$pg_data/vault_redirect_test.conf"
+install -o postgres -g postgres -m 600 "$repo_root/pg_test_config/pg_hba.conf" \
+  "$pg_data/pg_hba.conf"
+cat >>"$pg_data/postgresql.conf" <<EOF
+
+include 'vault_redirect_test.conf'
+port = $pg_port
+unix_socket_directories = '$pg_data'
+EOF
+run_as_postgres pg_ctl start -D "$pg_data" -l "$pg_log" -w -t 60 -s
+pg_started=1
+
+# ---- the demo ----------------------------------------------------------------
+
+step "running scripts/demo.sql"
+# demo.sql comes on stdin because the repository may not be readable by the
+# postgres user.
+psql_demo -v url="$BAO_ADDR" -v role_id="$role_id" -v wrapped="$wrapped" -f - \
+  <"$repo_root/scripts/demo.sql"
+unset role_id wrapped
+
+step "keys under $secrets_mount/$secrets_path in OpenBao (names only)"
+bao kv list -mount="$secrets_mount" "$secrets_path"
+
+# Same value as global/vcenter-password in demo.sql.
+old_password='Demo p@ss %41 #7? not-real'
+step "searching the table files (base/) for the old vcenter password"
+if grep -rqaF -- "$old_password" "$pg_data/base"; then
+  echo "WARNING: the plaintext password is still in a table file under $pg_data/base"
+else
+  echo "not found. Old WAL segments (pg_wal/) may still contain it until they are recycled."
+fi
+
+step "changing global/vcenter-password directly in OpenBao"
+bao kv patch -mount="$secrets_mount" "$secrets_path/global/vcenter-password" \
+  secret='Rotated demo p@ss %52 #9? not-real' >/dev/null
+
+psql_demo -f - <<'SQL'
+\echo
+\echo '== The resolved view shows the value changed in OpenBao'
+SELECT path, value FROM vault_redirect_resolved.maasserver_secret
+WHERE path = 'global/vcenter-password';
+\echo
+\echo '== Extension status'
+\x on
+SELECT * FROM vault_redirect.status();
+SQL
+
+step "demo finished"
