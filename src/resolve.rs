@@ -11,7 +11,7 @@ use crate::read::fetch;
 use crate::reference;
 
 /// Resolves the value of a key/value table's row whose KV path is `path`.
-#[pg_extern(volatile, parallel_unsafe, cost = 10000)]
+#[pg_extern(stable, parallel_unsafe, cost = 10000)]
 fn resolve_kv(table_name: &str, path: Option<&str>, value: Option<JsonB>) -> Option<JsonB> {
     let JsonB(value) = value?;
     let Some((target, key)) = reference::parse_json(&value) else {
@@ -24,7 +24,7 @@ fn resolve_kv(table_name: &str, path: Option<&str>, value: Option<JsonB>) -> Opt
 }
 
 /// Resolves a jsonb secret column of a wide table.
-#[pg_extern(volatile, parallel_unsafe, cost = 10000)]
+#[pg_extern(stable, parallel_unsafe, cost = 10000)]
 fn resolve_column_jsonb(
     table_name: &str,
     path_prefix: &str,
@@ -42,7 +42,7 @@ fn resolve_column_jsonb(
 }
 
 /// Resolves a text secret column of a wide table.
-#[pg_extern(volatile, parallel_unsafe, cost = 10000)]
+#[pg_extern(stable, parallel_unsafe, cost = 10000)]
 fn resolve_column_text(
     table_name: &str,
     path_prefix: &str,

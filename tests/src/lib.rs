@@ -26,3 +26,4 @@ mod scratch;
 
 pub use bao::Bao;
 pub use pg::Pg;
+pub mod stack;

@@ -1,0 +1,111 @@
+//! A configured stack: an OpenBao dev server with an AppRole bound to the
+//! minimal policy, and a PostgreSQL cluster with the extension created and
+//! configured through a wrapped secret_id.
+
+use postgres::error::DbError;
+use postgres::Client;
+
+use crate::{Bao, Pg};
+
+/// KV mount and secrets path the tests configure.
+pub const MOUNT: &str = "secret";
+pub const SECRETS_PATH: &str = "maas";
+/// The AppRole every test stack configures with.
+pub const ROLE: &str = "pg-primary";
+
+/// The MAAS-shaped fixture tables with plaintext secrets.
+pub const MAAS_FIXTURE: &str = include_str!("../fixtures/maas.sql");
+
+pub struct Stack {
+    pub bao: Bao,
+    pub pg: Pg,
+    pub role_id: String,
+}
+
+impl Stack {
+    /// Starts both servers, creates the AppRole (with `role_args` added to
+    /// its parameters) and the extension, and configures it.
+    pub fn configured(role_args: &[&str]) -> Stack {
+        let stack = Stack::unconfigured(role_args);
+        let wrapped = stack.bao.wrapped_secret_id(ROLE);
+        let mut client = stack.superuser();
+        stack
+            .configure(&mut client, &stack.role_id, &wrapped)
+            .unwrap_or_else(|e| panic!("configure failed: {}", describe(&e)));
+        stack
+    }
+
+    /// Starts both servers and creates the AppRole and the extension only.
+    pub fn unconfigured(role_args: &[&str]) -> Stack {
+        let bao = Bao::start_dev();
+        let pg = Pg::start();
+        let role_id = bao.setup_approle(ROLE, MOUNT, SECRETS_PATH, role_args);
+        pg.psql("CREATE EXTENSION vault_redirect;");
+        Stack { bao, pg, role_id }
+    }
+
+    pub fn superuser(&self) -> Client {
+        self.pg.connect("postgres")
+    }
+
+    /// Calls configure() with the tokens as query parameters, so they are
+    /// never part of the SQL text.
+    pub fn configure(
+        &self,
+        client: &mut Client,
+        role_id: &str,
+        wrapped: &str,
+    ) -> Result<(), postgres::Error> {
+        client
+            .execute(
+                "SELECT vault_redirect.configure($1, $2, $3, $4, $5)",
+                &[&self.bao.addr(), &role_id, &wrapped, &SECRETS_PATH, &MOUNT],
+            )
+            .map(|_| ())
+    }
+
+    /// Creates the fixture tables and declares their secret columns.
+    pub fn load_maas_schema(&self) {
+        self.pg.psql(MAAS_FIXTURE);
+        self.pg.psql(
+            "SELECT vault_redirect.declare_kv_table('public.maasserver_secret', 'path', 'value');
+             SELECT vault_redirect.declare_column('public.maasserver_bmc', 'power_parameters');",
+        );
+    }
+
+    /// Returns the data of the KV entry at `path` under the secrets path.
+    pub fn kv_get(&self, path: &str) -> Option<serde_json::Value> {
+        self.bao.kv_get(MOUNT, &format!("{SECRETS_PATH}/{path}"))
+    }
+
+    pub fn kv_put(&self, path: &str, data: &serde_json::Value) {
+        self.bao
+            .kv_put(MOUNT, &format!("{SECRETS_PATH}/{path}"), data)
+    }
+
+    /// Returns the path of this server's configuration file.
+    pub fn config_file(&self) -> std::path::PathBuf {
+        self.pg.data_dir().join("vault_redirect.conf")
+    }
+}
+
+/// Returns the database error of a failed statement, or panics.
+pub fn db_error(error: &postgres::Error) -> &DbError {
+    error
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a database error: {error}"))
+}
+
+/// Formats a database error with its SQLSTATE, detail and hint.
+pub fn describe(error: &postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!(
+            "{} {} (detail: {:?}, hint: {:?})",
+            db.code().code(),
+            db.message(),
+            db.detail(),
+            db.hint()
+        ),
+        None => error.to_string(),
+    }
+}
