@@ -22,10 +22,11 @@ source "$repo_root/scripts/common.sh"
 bash "$repo_root/scripts/setup.sh" "$@"
 add_tool_paths
 
-# Inherited settings must not point the CLI or psql at another server.
+# Inherited settings must not point the CLI or psql at another server, and
+# Rust backtrace variables would make the server append backtraces to errors.
 while read -r name; do
   unset "$name"
-done < <(compgen -e | grep -E '^(BAO_|VAULT_|PG)' | grep -v '^PGRX_' || true)
+done < <(compgen -e | grep -E '^(BAO_|VAULT_|PG|RUST_BACKTRACE|RUST_LIB_BACKTRACE)' | grep -v '^PGRX_' || true)
 
 secrets_mount=secret
 secrets_path=maas

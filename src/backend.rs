@@ -5,16 +5,19 @@
 
 use std::cell::RefCell;
 use std::ffi::CStr;
+use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::rc::Rc;
 
-use pgrx::pg_sys;
+use pgrx::{pg_sys, PgSqlErrorCode};
 use reqwest::Url;
 
 use crate::config::{self, FileStamp, ServerConfig};
 use crate::errors::Failure;
 use crate::gucs;
-use crate::vault::{AppRole, KvPath, Transport, TransportSettings, VaultClient};
+use crate::vault::{
+    AppRole, Hooks, KvPath, RetryPolicy, TlsSettings, Transport, TransportSettings, VaultClient,
+};
 
 struct Session {
     stamp: FileStamp,
@@ -26,18 +29,40 @@ struct Session {
 struct Backend {
     transport: Option<Rc<Transport>>,
     session: Option<Session>,
+    /// The last error a Vault request raised in this backend.
+    last_error: Option<String>,
+    /// Start of the last statement warned about tls_skip_verify.
+    skip_verify_warned: Option<pg_sys::TimestampTz>,
 }
 
 thread_local! {
     static BACKEND: RefCell<Backend> = RefCell::new(Backend::default());
 }
 
-/// Reports whether PostgreSQL has an interrupt waiting: cancel,
-/// statement_timeout or termination. Reads a flag, so it is cheap.
-pub fn interrupt_pending() -> bool {
-    // SAFETY: a sig_atomic_t flag set by signal handlers of this process;
-    // this runs on the backend's own thread.
-    unsafe { pg_sys::InterruptPending != 0 }
+const HOOKS: Hooks = Hooks {
+    abort: process_interrupts,
+    on_retry: warn_retry,
+    on_response: log_response,
+};
+
+/// Lets a pending cancel, statement_timeout or termination take effect
+/// between two wait slices. It raises from the backend's own thread, while
+/// no request future is being polled.
+fn process_interrupts() -> bool {
+    // SAFETY: a sig_atomic_t flag set by this process's signal handlers,
+    // read on the backend's own thread.
+    if unsafe { pg_sys::InterruptPending } != 0 {
+        pgrx::check_for_interrupts!();
+    }
+    false
+}
+
+fn warn_retry(message: &str) {
+    pgrx::warning!("vault_redirect: {message}");
+}
+
+fn log_response(method: &str, path: &str, status: u16, millis: f64) {
+    pgrx::debug1!("vault_redirect: {method} /v1/{path} answered {status} in {millis:.1} ms");
 }
 
 /// Returns the path of this server's configuration file.
@@ -47,28 +72,79 @@ pub fn config_path() -> PathBuf {
     config::path_in(std::path::Path::new(&*dir.to_string_lossy()))
 }
 
-/// Returns the backend's transport, rebuilt when the timeout settings changed.
-pub fn transport() -> Result<Rc<Transport>, Failure> {
-    let settings = TransportSettings {
+/// Reads the transport settings for a Vault at `url`.
+fn settings_for(url: &Url) -> Result<TransportSettings, Failure> {
+    let server_name = match gucs::text(&gucs::TLS_SERVER_NAME) {
+        None => None,
+        Some(name) => {
+            let host = url.host_str().unwrap_or_default();
+            let port = url.port_or_known_default().unwrap_or(8200);
+            let addr = (host.trim_matches(|c| c == '[' || c == ']'), port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| {
+                    Failure::new(
+                        PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                        format!("could not resolve the Vault host \"{host}\""),
+                    )
+                    .hint("Check the host of the configured URL.")
+                })?;
+            Some((name, addr))
+        }
+    };
+    Ok(TransportSettings {
         connect_timeout: gucs::connect_timeout(),
         request_timeout: gucs::request_timeout(),
-    };
+        tls: TlsSettings {
+            ca_file: gucs::path(&gucs::CA_FILE),
+            client_cert_file: gucs::path(&gucs::CLIENT_CERT_FILE),
+            client_key_file: gucs::path(&gucs::CLIENT_KEY_FILE),
+            server_name,
+            skip_verify: gucs::TLS_SKIP_VERIFY.get(),
+        },
+    })
+}
+
+/// Returns the backend's transport, rebuilt when the settings changed.
+fn transport(url: &Url) -> Result<Rc<Transport>, Failure> {
+    let settings = settings_for(url)?;
+    if settings.tls.skip_verify {
+        warn_skip_verify();
+    }
     BACKEND.with(|cell| {
         let mut backend = cell.borrow_mut();
         if let Some(transport) = &backend.transport {
-            if transport.settings() == settings {
+            if transport.settings() == &settings {
                 return Ok(Rc::clone(transport));
             }
         }
-        let transport = Rc::new(
-            Transport::new(settings)
-                .map_err(|e| Failure::new(pgrx::PgSqlErrorCode::ERRCODE_SYSTEM_ERROR, e))?,
-        );
+        let transport = Rc::new(Transport::new(settings).map_err(|e| {
+            Failure::new(PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR, e)
+                .hint("Check the vault_redirect TLS settings.")
+        })?);
         backend.transport = Some(Rc::clone(&transport));
         // Clients keep a handle on the old transport; drop them with it.
         backend.session = None;
         Ok(transport)
     })
+}
+
+/// Warns once per statement that certificates are not verified.
+fn warn_skip_verify() {
+    // SAFETY: reads the start time of the current statement.
+    let statement = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+    let warned = BACKEND.with(|cell| {
+        let mut backend = cell.borrow_mut();
+        let warned = backend.skip_verify_warned == Some(statement);
+        backend.skip_verify_warned = Some(statement);
+        warned
+    });
+    if !warned {
+        pgrx::warning!(
+            "vault_redirect: vault_redirect.tls_skip_verify is on, so Vault's certificate is not verified"
+        );
+    }
 }
 
 /// Builds a client for `config`, with or without its AppRole credentials.
@@ -81,9 +157,14 @@ pub fn client_for(config: &ServerConfig, with_approle: bool) -> Result<VaultClie
         role_id: config.role_id.clone(),
         secret_id: config.secret_id.clone(),
     });
+    let retry = RetryPolicy {
+        max_retries: gucs::max_retries(),
+        max_wait: gucs::request_timeout(),
+    };
     Ok(VaultClient::new(
-        transport()?,
-        interrupt_pending,
+        transport(&url)?,
+        HOOKS,
+        retry,
         url,
         mount,
         prefix,
@@ -118,12 +199,32 @@ pub fn parse_url(url: &str) -> Result<Url, Failure> {
 pub fn with_client<R>(
     f: impl FnOnce(&mut VaultClient, &ServerConfig) -> Result<R, Failure>,
 ) -> Result<R, Failure> {
+    let result = with_session(f);
+    if let Err(failure) = &result {
+        record_error(&failure.message);
+    }
+    result
+}
+
+fn with_session<R>(
+    f: impl FnOnce(&mut VaultClient, &ServerConfig) -> Result<R, Failure>,
+) -> Result<R, Failure> {
     let path = config_path();
     let stamp = config::stamp(&path)?.ok_or_else(Failure::not_configured)?;
-    let current = BACKEND.with(|cell| {
+    let loaded = BACKEND.with(|cell| {
         let backend = cell.borrow();
-        backend.session.as_ref().map(|s| s.stamp) == Some(stamp)
+        let session = backend.session.as_ref()?;
+        (session.stamp == stamp).then(|| session.config.url.clone())
     });
+    // The settings may have changed since the session was made; checking
+    // them drops a session whose transport is out of date.
+    let current = match loaded {
+        Some(url) => {
+            transport(&parse_url(&url)?)?;
+            BACKEND.with(|cell| cell.borrow().session.is_some())
+        }
+        None => false,
+    };
     if !current {
         let config = config::load(&path)?.ok_or_else(Failure::not_configured)?;
         let client = client_for(&config, true)?;
@@ -145,13 +246,22 @@ pub fn with_client<R>(
     })
 }
 
+/// Remembers an error for status().
+pub fn record_error(message: &str) {
+    BACKEND.with(|cell| cell.borrow_mut().last_error = Some(message.to_owned()));
+}
+
+pub fn last_error() -> Option<String> {
+    BACKEND.with(|cell| cell.borrow().last_error.clone())
+}
+
 /// Forgets the loaded configuration and token, so that the next request
 /// reads the file again.
 pub fn forget_session() {
     BACKEND.with(|cell| cell.borrow_mut().session = None);
 }
 
-/// Returns the loaded configuration without any request, if there is one.
+/// Returns this server's configuration without any request, if there is one.
 pub fn current_config() -> Result<Option<ServerConfig>, Failure> {
     Ok(config::load(&config_path())?)
 }

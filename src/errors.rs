@@ -133,7 +133,10 @@ impl From<VaultError> for Failure {
     fn from(error: VaultError) -> Self {
         use PgSqlErrorCode::*;
         let message = error.to_string();
-        let detail = error.vault_detail().map(|d| format!("Vault said: {d}"));
+        let detail = match &error {
+            VaultError::Sealed { .. } => Some("Vault answered 503: Vault is sealed.".to_owned()),
+            _ => error.vault_detail().map(|d| format!("Vault said: {d}")),
+        };
         let (code, hint) = match &error {
             VaultError::InvalidPath(inner) => return Failure::from(inner.clone()),
             VaultError::Unreachable { url, .. } => (

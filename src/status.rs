@@ -1,10 +1,23 @@
 //! `vault_redirect.status()`: what an operator runs first. It never raises
 //! because Vault is down; it reports what it found.
 
+use std::time::Instant;
+
 use pgrx::prelude::*;
 
 use crate::backend;
 use crate::errors::{Failure, OrRaise};
+
+/// What the health probe found.
+#[derive(Default)]
+struct Health {
+    reachable: bool,
+    sealed: Option<bool>,
+    initialized: Option<bool>,
+    version: Option<String>,
+    round_trip_ms: Option<f64>,
+    error: Option<String>,
+}
 
 /// Reports the configuration of this server and the state of Vault.
 #[allow(clippy::type_complexity)] // pgrx needs the row type spelled out here
@@ -22,7 +35,9 @@ fn status() -> TableIterator<
         name!(sealed, Option<bool>),
         name!(initialized, Option<bool>),
         name!(server_version, Option<String>),
+        name!(round_trip_ms, Option<f64>),
         name!(token_ttl_seconds, Option<i64>),
+        name!(last_error, Option<String>),
         name!(error, Option<String>),
     ),
 > {
@@ -34,57 +49,63 @@ fn status() -> TableIterator<
     let declared = declared.unwrap_or(0);
     let migrated = declared > 0 && migrated.unwrap_or(0) == declared;
 
-    let config = match backend::current_config() {
-        Ok(config) => config,
-        Err(failure) => {
-            let row = (
-                false,
-                None,
-                None,
-                None,
-                declared,
-                migrated,
-                false,
-                None,
-                None,
-                None,
-                None,
-                Some(failure.message),
-            );
-            return TableIterator::new(vec![row]);
+    let (config, health) = match backend::current_config() {
+        Ok(Some(config)) => {
+            let health = probe(&config);
+            (Some(config), health)
         }
-    };
-    let Some(config) = config else {
-        let row = (
-            false, None, None, None, declared, migrated, false, None, None, None, None, None,
-        );
-        return TableIterator::new(vec![row]);
-    };
-
-    let health = backend::client_for(&config, false)
-        .and_then(|client| client.seal_status().map_err(Failure::from));
-    let (reachable, sealed, initialized, version, error) = match health {
-        Ok(seal) => (
-            true,
-            Some(seal.sealed),
-            Some(seal.initialized),
-            Some(seal.version),
+        Ok(None) => (None, Health::default()),
+        Err(failure) => (
             None,
+            Health {
+                error: Some(failure.message),
+                ..Health::default()
+            },
         ),
-        Err(failure) => (false, None, None, None, Some(failure.message)),
+    };
+    let configured = config.is_some();
+    let (url, mount, path) = match config {
+        Some(c) => (Some(c.url), Some(c.secrets_mount), Some(c.secrets_path)),
+        None => (None, None, None),
     };
     TableIterator::new(vec![(
-        true,
-        Some(config.url),
-        Some(config.secrets_mount),
-        Some(config.secrets_path),
+        configured,
+        url,
+        mount,
+        path,
         declared,
         migrated,
-        reachable,
-        sealed,
-        initialized,
-        version,
+        health.reachable,
+        health.sealed,
+        health.initialized,
+        health.version,
+        health.round_trip_ms,
         backend::token_ttl_seconds(),
-        error,
+        backend::last_error(),
+        health.error,
     )])
+}
+
+/// Asks `sys/seal-status`, which needs no token, and times the answer.
+fn probe(config: &crate::config::ServerConfig) -> Health {
+    let started = Instant::now();
+    let answer = backend::client_for(config, false)
+        .and_then(|client| client.seal_status().map_err(Failure::from));
+    match answer {
+        Ok(seal) => Health {
+            reachable: true,
+            sealed: Some(seal.sealed),
+            initialized: Some(seal.initialized),
+            version: Some(seal.version),
+            round_trip_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+            error: None,
+        },
+        Err(failure) => {
+            backend::record_error(&failure.message);
+            Health {
+                error: Some(failure.message),
+                ..Health::default()
+            }
+        }
+    }
 }

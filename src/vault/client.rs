@@ -12,6 +12,29 @@ use super::transport::{origin, RawResponse, Transport};
 /// The longest a token is given back before it expires.
 const MAX_RENEW_MARGIN: Duration = Duration::from_secs(10);
 
+/// Backoff before the first retry; it doubles for each further one.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Calls into the embedding program: the only way this module reaches out.
+#[derive(Clone, Copy)]
+pub struct Hooks {
+    /// Called between wait slices; true abandons the request.
+    pub abort: fn() -> bool,
+    /// Called before each retry with a one-line reason.
+    pub on_retry: fn(&str),
+    /// Called after each answer: method, API path, status, milliseconds.
+    pub on_response: fn(&str, &str, u16, f64),
+}
+
+/// How often a failed request is tried again, and for how long at most.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    /// The total time spent waiting between tries stays below this.
+    pub max_wait: Duration,
+}
+
 /// AppRole credentials of one server.
 #[derive(Clone)]
 pub struct AppRole {
@@ -51,7 +74,8 @@ struct Token {
 /// A client for one Vault address, one KV v2 mount and one path prefix.
 pub struct VaultClient {
     transport: Rc<Transport>,
-    abort: fn() -> bool,
+    hooks: Hooks,
+    retry: RetryPolicy,
     addr: Url,
     mount: KvPath,
     prefix: KvPath,
@@ -62,7 +86,8 @@ pub struct VaultClient {
 impl VaultClient {
     pub fn new(
         transport: Rc<Transport>,
-        abort: fn() -> bool,
+        hooks: Hooks,
+        retry: RetryPolicy,
         addr: Url,
         mount: KvPath,
         prefix: KvPath,
@@ -70,7 +95,8 @@ impl VaultClient {
     ) -> Self {
         VaultClient {
             transport,
-            abort,
+            hooks,
+            retry,
             addr,
             mount,
             prefix,
@@ -321,6 +347,10 @@ impl VaultClient {
         }
     }
 
+    /// Sends a request, retrying what is safe to retry: a request that never
+    /// reached the server, a rate-limited one, and an idempotent one that
+    /// failed with a server error other than 501 or a sealed Vault. A login
+    /// or write that may have reached the server is never sent twice.
     fn send(
         &self,
         method: Method,
@@ -330,7 +360,47 @@ impl VaultClient {
     ) -> Result<RawResponse, VaultError> {
         let url = self.url(encoded_api_path)?;
         let body = body.map(|b| b.to_string().into_bytes());
-        self.transport.send(method, url, token, body, &self.abort)
+        let idempotent = matches!(method, Method::GET | Method::DELETE | Method::HEAD);
+        let shown_path = encoded_api_path.split('?').next().unwrap_or_default();
+        let mut waited = Duration::ZERO;
+        for attempt in 0.. {
+            let started = Instant::now();
+            let result = self.transport.send(
+                method.clone(),
+                url.clone(),
+                token,
+                body.clone(),
+                &self.hooks.abort,
+            );
+            let reason = match &result {
+                Ok(response) => {
+                    let millis = started.elapsed().as_secs_f64() * 1000.0;
+                    (self.hooks.on_response)(method.as_str(), shown_path, response.status, millis);
+                    retry_reason(response, idempotent)
+                }
+                Err(VaultError::Unreachable {
+                    cause,
+                    request_sent,
+                    ..
+                }) if idempotent || !request_sent => Some((cause.clone(), None)),
+                Err(_) => None,
+            };
+            let Some((why, retry_after)) = reason else {
+                return result;
+            };
+            let delay = retry_after
+                .unwrap_or_else(|| (FIRST_BACKOFF * 2u32.saturating_pow(attempt)).min(MAX_BACKOFF));
+            if attempt >= self.retry.max_retries || waited + delay > self.retry.max_wait {
+                return result;
+            }
+            (self.hooks.on_retry)(&format!(
+                "retrying {method} {shown_path} in {} ms ({why})",
+                delay.as_millis()
+            ));
+            self.transport.sleep(delay, &self.hooks.abort)?;
+            waited += delay;
+        }
+        unreachable!("the retry loop returns")
     }
 
     fn url(&self, encoded_api_path: &str) -> Result<Url, VaultError> {
@@ -381,11 +451,9 @@ impl VaultClient {
                 api_path,
                 detail: vault_errors(&response.body, redact),
             }),
-            503 if vault_errors(&response.body, redact).contains("sealed") => {
-                Err(VaultError::Sealed {
-                    url: origin(&self.addr),
-                })
-            }
+            503 if self.confirm_sealed(&response) => Err(VaultError::Sealed {
+                url: origin(&self.addr),
+            }),
             status => Err(VaultError::Status {
                 status,
                 operation,
@@ -393,6 +461,33 @@ impl VaultClient {
                 detail: vault_errors(&response.body, redact),
             }),
         }
+    }
+}
+
+impl VaultClient {
+    /// Confirms with `sys/seal-status` that a 503 means a sealed Vault, and
+    /// not an overloaded or standby node.
+    fn confirm_sealed(&self, response: &RawResponse) -> bool {
+        if !is_sealed_answer(response) {
+            return false;
+        }
+        self.seal_status().map(|s| s.sealed).unwrap_or(true)
+    }
+}
+
+fn is_sealed_answer(response: &RawResponse) -> bool {
+    response.status == 503 && vault_errors(&response.body, &[]).contains("sealed")
+}
+
+/// Returns why an answer is worth another try, and how long the server
+/// asked to wait, or `None` when it is final.
+fn retry_reason(response: &RawResponse, idempotent: bool) -> Option<(String, Option<Duration>)> {
+    match response.status {
+        429 => Some(("rate limited".into(), response.retry_after)),
+        501 => None,
+        503 if is_sealed_answer(response) => None,
+        500..=599 if idempotent => Some((format!("status {}", response.status), None)),
+        _ => None,
     }
 }
 

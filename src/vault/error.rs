@@ -8,7 +8,13 @@ pub enum VaultError {
     InvalidPath(#[from] PathError),
 
     #[error("could not connect to Vault at {url}: {cause}")]
-    Unreachable { url: String, cause: String },
+    Unreachable {
+        url: String,
+        cause: String,
+        /// Whether the request may have reached the server before the
+        /// failure; such a request is retried only when it is idempotent.
+        request_sent: bool,
+    },
 
     #[error("request to Vault at {url} timed out after {after_ms} ms")]
     Timeout { url: String, after_ms: u64 },

@@ -8,8 +8,8 @@ mod path;
 mod secret;
 mod transport;
 
-pub use client::{AppRole, KvEntry, VaultClient};
+pub use client::{AppRole, Hooks, KvEntry, RetryPolicy, VaultClient};
 pub use error::VaultError;
 pub use path::{split_segments, KvPath, PathError};
 pub use secret::Secret;
-pub use transport::{Transport, TransportSettings};
+pub use transport::{TlsSettings, Transport, TransportSettings};

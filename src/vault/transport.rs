@@ -1,9 +1,11 @@
 use std::error::Error as _;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderValue, CONTENT_TYPE, LOCATION};
+use reqwest::header::{HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use reqwest::{Method, Url};
 
 use super::error::VaultError;
@@ -12,17 +14,33 @@ use super::secret::Secret;
 /// How long one wait lasts before the caller's abort check runs again.
 const WAIT_SLICE: Duration = Duration::from_millis(20);
 
+/// TLS settings. Files are read when the transport is built.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM bundle of the CAs to trust instead of the built-in roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and its key, for TLS client authentication.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    /// Name to verify the server certificate against, and the address the
+    /// configured host resolves to, when it differs from the URL's host.
+    pub server_name: Option<(String, SocketAddr)>,
+    pub skip_verify: bool,
+}
+
 /// Connection settings, read from the server's settings at each request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportSettings {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    pub tls: TlsSettings,
 }
 
 /// A status, the headers the client needs and the whole body.
 pub struct RawResponse {
     pub status: u16,
     pub location: Option<String>,
+    pub retry_after: Option<Duration>,
     pub body: Vec<u8>,
 }
 
@@ -42,13 +60,53 @@ impl Transport {
             .enable_time()
             .build()
             .map_err(|e| format!("could not start the I/O runtime: {e}"))?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
             // A redirect would carry the token to a host nobody configured.
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(60));
+        let tls = &settings.tls;
+        if let Some(path) = &tls.ca_file {
+            let pem = read_file(path, "CA file")?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("the CA file \"{}\" is not PEM: {e}", path.display()))?;
+            if certificates.is_empty() {
+                return Err(format!(
+                    "the CA file \"{}\" holds no certificate",
+                    path.display()
+                ));
+            }
+            builder = builder.tls_built_in_root_certs(false);
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        match (&tls.client_cert_file, &tls.client_key_file) {
+            (Some(cert), Some(key)) => {
+                let mut pem = read_file(cert, "client certificate file")?;
+                pem.push(b'\n');
+                pem.extend(read_file(key, "client key file")?);
+                let identity = reqwest::Identity::from_pem(&pem)
+                    .map_err(|e| format!("the client certificate or key is not usable: {e}"))?;
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(
+                    "set both vault_redirect.client_cert_file and vault_redirect.client_key_file, or neither"
+                        .into(),
+                )
+            }
+        }
+        if let Some((name, addr)) = &tls.server_name {
+            builder = builder.resolve(name, *addr);
+        }
+        if tls.skip_verify {
+            builder = builder.danger_accept_invalid_certs(true);
+        }
+        let http = builder
             .build()
             .map_err(|e| format!("could not build the HTTP client: {e}"))?;
         Ok(Transport {
@@ -58,8 +116,8 @@ impl Transport {
         })
     }
 
-    pub fn settings(&self) -> TransportSettings {
-        self.settings
+    pub fn settings(&self) -> &TransportSettings {
+        &self.settings
     }
 
     /// Sends one request and reads the whole answer. `abort` is called
@@ -67,11 +125,22 @@ impl Transport {
     pub fn send(
         &self,
         method: Method,
-        url: Url,
+        mut url: Url,
         token: Option<&Secret>,
         body: Option<Vec<u8>>,
         abort: &dyn Fn() -> bool,
     ) -> Result<RawResponse, VaultError> {
+        let shown = origin(&url);
+        if let Some((name, _)) = &self.settings.tls.server_name {
+            // The connection goes to the configured address; the name is
+            // what the certificate is checked against.
+            url.set_host(Some(name))
+                .map_err(|e| VaultError::Unreachable {
+                    url: shown.clone(),
+                    cause: format!("invalid TLS server name \"{name}\": {e}"),
+                    request_sent: false,
+                })?;
+        }
         let mut request = self.http.request(method, url.clone());
         if let Some(token) = token {
             let mut value =
@@ -89,15 +158,22 @@ impl Transport {
         let exchange = async move {
             let response = request.send().await?;
             let status = response.status().as_u16();
-            let location = response
-                .headers()
-                .get(LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let header = |name| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v: &HeaderValue| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let location = header(LOCATION);
+            let retry_after = header(RETRY_AFTER)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
             let body = response.bytes().await?.to_vec();
             Ok::<_, reqwest::Error>(RawResponse {
                 status,
                 location,
+                retry_after,
                 body,
             })
         };
@@ -106,11 +182,26 @@ impl Transport {
         let _context = self.runtime.enter();
         match self.wait(tokio::time::timeout(limit, exchange), abort)? {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(classify(&url, &error, self.settings)),
+            Ok(Err(error)) => Err(classify(&shown, &error, &self.settings)),
             Err(_elapsed) => Err(VaultError::Timeout {
-                url: origin(&url),
+                url: shown,
                 after_ms: limit.as_millis() as u64,
             }),
+        }
+    }
+
+    /// Sleeps for `duration`, giving up early when `abort` says so.
+    pub fn sleep(&self, duration: Duration, abort: &dyn Fn() -> bool) -> Result<(), VaultError> {
+        let until = Instant::now() + duration;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            std::thread::sleep(left.min(WAIT_SLICE));
+            if abort() {
+                return Err(VaultError::Interrupted);
+            }
         }
     }
 
@@ -134,12 +225,17 @@ impl Transport {
     }
 }
 
+fn read_file(path: &PathBuf, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path)
+        .map_err(|e| format!("could not read the {what} \"{}\": {e}", path.display()))
+}
+
 /// Returns scheme, host and port of a URL: what a message may show.
 pub fn origin(url: &Url) -> String {
     url.origin().ascii_serialization()
 }
 
-fn classify(url: &Url, error: &reqwest::Error, settings: TransportSettings) -> VaultError {
+fn classify(shown: &str, error: &reqwest::Error, settings: &TransportSettings) -> VaultError {
     if error.is_timeout() {
         let limit = if error.is_connect() {
             settings.connect_timeout
@@ -147,13 +243,14 @@ fn classify(url: &Url, error: &reqwest::Error, settings: TransportSettings) -> V
             settings.request_timeout
         };
         return VaultError::Timeout {
-            url: origin(url),
+            url: shown.to_owned(),
             after_ms: limit.as_millis() as u64,
         };
     }
     VaultError::Unreachable {
-        url: origin(url),
+        url: shown.to_owned(),
         cause: root_cause(error),
+        request_sent: !error.is_connect(),
     }
 }
 

@@ -171,7 +171,9 @@ pub fn pg_bindir() -> PathBuf {
 
 /// Builds a command that runs PostgreSQL's `program` as the `postgres` OS
 /// user, with no `PG*` variables inherited, from `/` so that the postgres
-/// user never needs access to the test's working directory.
+/// user never needs access to the test's working directory. Rust backtrace
+/// variables are dropped too: with them, pgrx appends a backtrace to the
+/// DETAIL of errors it passes on, which a production server does not show.
 pub fn postgres_command(program: &str) -> Command {
     let mut command = Command::new("runuser");
     command
@@ -179,7 +181,8 @@ pub fn postgres_command(program: &str) -> Command {
         .arg(pg_bindir().join(program))
         .current_dir("/");
     for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PG") {
+        let name_text = name.to_string_lossy();
+        if name_text.starts_with("PG") || name_text.starts_with("RUST_") {
             command.env_remove(name);
         }
     }
