@@ -13,7 +13,9 @@ mod migrate;
 mod read;
 mod reference;
 mod resolve;
+mod rows;
 mod status;
+mod unmigrate;
 mod vault;
 
 pgrx::pg_module_magic!(name, version);

@@ -3,27 +3,27 @@
 //! the calling transaction.
 
 use pgrx::prelude::*;
-use pgrx::spi::quote_identifier;
 use pgrx::PgSqlErrorCode;
 use serde_json::{Map, Value};
 
 use crate::backend;
-use crate::declare::{self, key_array, Declaration};
+use crate::declare::{self, Declaration};
 use crate::errors::{require_superuser, Failure, OrRaise};
 use crate::reference;
 use crate::resolve::foreign_reference;
-use crate::vault::KvPath;
-
-/// Rows fetched from a declared table at a time, which bounds memory.
-const BATCH_ROWS: i64 = 100;
+use crate::rows::ColumnScan;
+use crate::vault::{KvPath, VaultError};
 
 /// Key of the advisory lock that lets one migration run at a time.
-const LOCK_KEY: i64 = 0x7661_756c_745f_7264; // "vault_rd"
+pub const LOCK_KEY: i64 = 0x7661_756c_745f_7264; // "vault_rd"
 
 /// Moves every plaintext value of every declared column into Vault, and
-/// returns one row of counts per column. Superuser only.
+/// returns one row of counts per column. With `dry_run`, only counts what
+/// would move and changes nothing. Superuser only.
 #[pg_extern(volatile, parallel_unsafe)]
-fn migrate() -> TableIterator<
+fn migrate(
+    dry_run: default!(bool, false),
+) -> TableIterator<
     'static,
     (
         name!(table_name, String),
@@ -51,7 +51,17 @@ fn migrate() -> TableIterator<
     }
     let mut summary = Vec::new();
     for declaration in &declarations {
-        let counts = migrate_column(declaration).or_raise();
+        let counts = migrate_column(declaration, dry_run).or_raise();
+        if dry_run {
+            summary.push((
+                declaration.display_table(),
+                declaration.column_name.clone(),
+                counts.migrated,
+                counts.already,
+                counts.nulls,
+            ));
+            continue;
+        }
         pgrx::log!(
             "vault_redirect: migrated {} values of {}.{} ({} already migrated, {} NULL)",
             counts.migrated,
@@ -88,93 +98,38 @@ enum Plan {
     },
 }
 
-fn migrate_column(declaration: &Declaration) -> Result<Counts, Failure> {
-    let table = declare::find_table(&declaration.qualified_table())?;
-    let column_type = declare::column_type(&table, &declaration.column_name)?;
-    let is_json = column_type == "jsonb";
-    let column = quote_identifier(&declaration.column_name);
-    let keys = match &declaration.path_column {
-        Some(path_column) => key_array("t", std::slice::from_ref(path_column)),
-        None => key_array("t", &declaration.key_columns),
-    };
-    let qualified = table.qualified();
-    // Readers go on; writers wait until the transaction ends.
-    Spi::run(&format!(
-        "LOCK TABLE {qualified} IN SHARE ROW EXCLUSIVE MODE"
-    ))?;
-    let select = format!("SELECT t.ctid::text, {keys}, t.{column}::text FROM {qualified} t");
-    let update = format!(
-        "UPDATE {qualified} SET {column} = $1::{} WHERE ctid = $2::tid",
-        if is_json { "jsonb" } else { "text" }
-    );
-
-    Spi::connect_mut(|client| {
-        let mut counts = Counts::default();
-        let mut cursor = client.open_cursor(select.as_str(), &[]);
-        loop {
-            let mut rows = Vec::new();
-            for row in cursor.fetch(BATCH_ROWS)? {
-                let ctid: String = row.get(1)?.unwrap_or_default();
-                let key_values: Vec<Option<String>> = row.get(2)?.unwrap_or_default();
-                let value: Option<String> = row.get(3)?;
-                rows.push((ctid, key_values, value));
-            }
-            if rows.is_empty() {
-                break;
-            }
-            for (ctid, key_values, value) in rows {
-                let Some(value) = value else {
-                    counts.nulls += 1;
-                    continue;
-                };
-                let (expected, row) = describe_row(declaration, &key_values);
-                let plan = plan(is_json, &value, &expected, &row)?;
-                let Plan::Move {
-                    path,
-                    data,
-                    reference,
-                } = plan
-                else {
-                    counts.already += 1;
-                    continue;
-                };
-                store(&path, &data).map_err(|f| f.context(&row))?;
-                client.update(update.as_str(), None, &[reference.into(), ctid.into()])?;
-                counts.migrated += 1;
-            }
-        }
-        Ok::<_, Failure>(counts)
-    })
-    .and_then(|counts| {
-        Spi::run_with_args(
-            "UPDATE vault_redirect.secret_columns SET migrated_at = now()
-              WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
-            &[
-                declaration.table_schema.as_str().into(),
-                declaration.table_name.as_str().into(),
-                declaration.column_name.as_str().into(),
-            ],
-        )?;
-        Ok(counts)
-    })
-}
-
-/// Returns the KV path a row's value belongs at, and how messages name it.
-fn describe_row(declaration: &Declaration, key_values: &[Option<String>]) -> (String, String) {
-    let table = declaration.display_table();
-    match declaration.path_column {
-        Some(_) => {
-            let path = key_values.first().cloned().flatten().unwrap_or_default();
-            let row = format!("row with path \"{path}\" of {table}");
-            (path, row)
-        }
-        None => crate::resolve::row_identity(
-            &table,
-            &declaration.path_prefix,
-            key_values,
-            &declaration.column_name,
-        ),
+fn migrate_column(declaration: &Declaration, dry_run: bool) -> Result<Counts, Failure> {
+    let scan = ColumnScan::new(declaration)?;
+    if !dry_run {
+        scan.lock()?;
     }
+    let mut counts = Counts::default();
+    scan.for_each(|client, row| {
+        let Some(value) = &row.value else {
+            counts.nulls += 1;
+            return Ok(());
+        };
+        let plan = plan(scan.is_json, value, &row.path, &row.label)?;
+        let Plan::Move {
+            path,
+            data,
+            reference,
+        } = plan
+        else {
+            counts.already += 1;
+            return Ok(());
+        };
+        if !dry_run {
+            store(&path, &data).map_err(|f| f.context(&row.label))?;
+            scan.update(client, &row.ctid, &reference)?;
+        }
+        counts.migrated += 1;
+        Ok(())
+    })?;
+    if !dry_run {
+        scan.set_migrated(true)?;
+    }
+    Ok(counts)
 }
 
 fn plan(is_json: bool, value: &str, expected: &str, row: &str) -> Result<Plan, Failure> {
@@ -219,10 +174,38 @@ fn own_reference(target: &str, expected: &str, row: &str) -> Result<Plan, Failur
     }
 }
 
-/// Writes one value, reads it back and checks it came back unchanged.
+/// Writes one value with check-and-set, reads it back and checks it came
+/// back unchanged. An entry that already holds the same data, left by an
+/// interrupted earlier run, is kept; one that holds other data is never
+/// overwritten.
 fn store(path: &KvPath, data: &Map<String, Value>) -> Result<(), Failure> {
     backend::with_client(|client, _| {
-        let version = client.kv_write(path, data, None)?;
+        let existing = match client.kv_read(path) {
+            Ok(entry) => Some(entry),
+            Err(VaultError::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(entry) = existing {
+            if &entry.data == data {
+                return Ok(());
+            }
+            return Err(Failure::new(
+                PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+                format!(
+                    "{} already holds a different secret (version {})",
+                    client.data_path(path),
+                    entry.version
+                ),
+            )
+            .detail("The row still holds its plaintext, so the Vault entry was written by someone else.")
+            .hint("Compare the two values and delete the one that is wrong, then run vault_redirect.migrate() again."));
+        }
+        let version = client.kv_write(path, data, Some(0)).map_err(|e| match e {
+            VaultError::Status { status: 400, .. } => Failure::from(e).hint(
+                "Another writer created the entry at the same moment; run vault_redirect.migrate() again.",
+            ),
+            other => other.into(),
+        })?;
         let entry = client.kv_read(path)?;
         if entry.version != version || &entry.data != data {
             return Err(Failure::new(

@@ -1,0 +1,154 @@
+//! Walking the rows of a declared column in batches, for migrate, verify
+//! and unmigrate. Memory stays bounded whatever the table size.
+
+use pgrx::prelude::*;
+use pgrx::spi::{quote_identifier, SpiClient};
+
+use crate::declare::{self, key_array, Declaration};
+use crate::errors::Failure;
+use crate::resolve::row_identity;
+
+/// Rows fetched from a declared table at a time.
+const BATCH_ROWS: i64 = 100;
+
+/// One row of a declared column.
+pub struct Row {
+    pub ctid: String,
+    /// The KV path this row's secret belongs at.
+    pub path: String,
+    /// How messages name the row, such as `row (16) of public.maasserver_bmc`.
+    pub label: String,
+    /// The column's value as text, jsonb in its text form.
+    pub value: Option<String>,
+}
+
+pub struct ColumnScan<'a> {
+    declaration: &'a Declaration,
+    pub is_json: bool,
+    qualified: String,
+    column: String,
+}
+
+impl<'a> ColumnScan<'a> {
+    /// Checks that the declared table and column still exist as declared.
+    pub fn new(declaration: &'a Declaration) -> Result<Self, Failure> {
+        let table = declare::find_table(&declaration.qualified_table()).map_err(|f| {
+            f.hint("A declared table was dropped or renamed; declare it again under its new name.")
+        })?;
+        let column_type = declare::column_type(&table, &declaration.column_name)?;
+        Ok(ColumnScan {
+            declaration,
+            is_json: column_type == "jsonb",
+            qualified: table.qualified(),
+            column: quote_identifier(&declaration.column_name),
+        })
+    }
+
+    /// Holds off writers to the table until the transaction ends; readers
+    /// go on.
+    pub fn lock(&self) -> Result<(), Failure> {
+        Spi::run(&format!(
+            "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
+            self.qualified
+        ))?;
+        Ok(())
+    }
+
+    /// Calls `visit` for every row, fetching them in batches.
+    pub fn for_each(
+        &self,
+        mut visit: impl FnMut(&mut SpiClient<'_>, Row) -> Result<(), Failure>,
+    ) -> Result<(), Failure> {
+        let keys = match &self.declaration.path_column {
+            Some(path_column) => key_array("t", std::slice::from_ref(path_column)),
+            None => key_array("t", &self.declaration.key_columns),
+        };
+        let select = format!(
+            "SELECT t.ctid::text, {keys}, t.{}::text FROM {} t",
+            self.column, self.qualified
+        );
+        Spi::connect_mut(|client| {
+            let mut cursor = client.open_cursor(select.as_str(), &[]);
+            loop {
+                let mut batch = Vec::new();
+                for row in cursor.fetch(BATCH_ROWS)? {
+                    let ctid: String = row.get(1)?.unwrap_or_default();
+                    let key_values: Vec<Option<String>> = row.get(2)?.unwrap_or_default();
+                    let value: Option<String> = row.get(3)?;
+                    batch.push((ctid, key_values, value));
+                }
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                for (ctid, key_values, value) in batch {
+                    let (path, label) = self.identify(&key_values);
+                    visit(
+                        client,
+                        Row {
+                            ctid,
+                            path,
+                            label,
+                            value,
+                        },
+                    )?;
+                }
+            }
+        })
+    }
+
+    /// Replaces a row's value and returns what the row now holds, as text.
+    pub fn update(
+        &self,
+        client: &mut SpiClient<'_>,
+        ctid: &str,
+        value: &str,
+    ) -> Result<Option<String>, Failure> {
+        let update = format!(
+            "UPDATE {} SET {column} = $1::{} WHERE ctid = $2::tid RETURNING {column}::text",
+            self.qualified,
+            if self.is_json { "jsonb" } else { "text" },
+            column = self.column,
+        );
+        let stored = client
+            .update(update.as_str(), None, &[value.into(), ctid.into()])?
+            .first()
+            .get_one::<String>()?;
+        Ok(stored)
+    }
+
+    /// Records whether the column is migrated.
+    pub fn set_migrated(&self, migrated: bool) -> Result<(), Failure> {
+        let declaration = self.declaration;
+        Spi::run_with_args(
+            "UPDATE vault_redirect.secret_columns
+                SET migrated_at = CASE WHEN $4 THEN now() END
+              WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
+            &[
+                declaration.table_schema.as_str().into(),
+                declaration.table_name.as_str().into(),
+                declaration.column_name.as_str().into(),
+                migrated.into(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Returns the KV path a row's value belongs at, and how messages name it.
+    fn identify(&self, key_values: &[Option<String>]) -> (String, String) {
+        let declaration = self.declaration;
+        let table = declaration.display_table();
+        match declaration.path_column {
+            Some(_) => {
+                let path = key_values.first().cloned().flatten().unwrap_or_default();
+                let label = format!("row with path \"{path}\" of {table}");
+                (path, label)
+            }
+            None => row_identity(
+                &table,
+                &declaration.path_prefix,
+                key_values,
+                &declaration.column_name,
+            ),
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! `verify()` checks that every reference resolves; `unmigrate()` moves
+//! every secret back into its row, the way back from Vault.
+
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+use serde_json::Value;
+
+use crate::backend;
+use crate::declare::{self, Declaration};
+use crate::errors::{require_superuser, Failure, OrRaise};
+use crate::migrate::LOCK_KEY;
+use crate::read::fetch;
+use crate::reference;
+use crate::resolve::foreign_reference;
+use crate::rows::{ColumnScan, Row};
+
+/// Returns the reference a row holds, if its value is one, or raises when
+/// it is a reference made for another row.
+fn reference_of(scan: &ColumnScan, row: &Row) -> Result<Option<Option<String>>, Failure> {
+    let Some(value) = &row.value else {
+        return Ok(None);
+    };
+    let (target, key) = if scan.is_json {
+        let parsed: Value = serde_json::from_str(value).unwrap_or(Value::Null);
+        match reference::parse_json(&parsed) {
+            Some(found) => found,
+            None => return Ok(None),
+        }
+    } else {
+        match value.strip_prefix(reference::TEXT_PREFIX) {
+            Some(target) => (target.to_owned(), Some(reference::SCALAR_KEY.to_owned())),
+            None => return Ok(None),
+        }
+    };
+    if target != row.path {
+        return Err(foreign_reference(&target, &row.path, &row.label));
+    }
+    Ok(Some(key))
+}
+
+/// Returns the plaintext a row's reference stands for, as the column's text.
+fn plaintext(scan: &ColumnScan, row: &Row, key: Option<&str>) -> Result<String, Failure> {
+    let entry = fetch(&row.path).map_err(|f| f.context(&row.label))?;
+    let missing = |reason: String| {
+        Failure::new(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!(
+                "{}: the secret at \"{}\" lacks the key the reference names",
+                row.label, row.path
+            ),
+        )
+        .detail(reason)
+    };
+    if scan.is_json {
+        let value = reference::kv_to_json(entry.data, key).map_err(missing)?;
+        Ok(value.to_string())
+    } else {
+        let key = key.unwrap_or(reference::SCALAR_KEY);
+        match reference::kv_to_text(&entry.data, key).map_err(missing)? {
+            Some(text) => Ok(text),
+            None => Err(missing(format!("the key \"{key}\" holds null"))),
+        }
+    }
+}
+
+/// Lists every reference that does not resolve: missing, deleted or
+/// destroyed entries, entries without the referenced key, and references
+/// found in a row they were not made for. An empty result means every
+/// reference resolves. Superuser only.
+#[allow(clippy::type_complexity)] // pgrx needs the row type spelled out here
+#[pg_extern(volatile, parallel_unsafe)]
+fn verify() -> TableIterator<
+    'static,
+    (
+        name!(table_name, String),
+        name!(column_name, String),
+        name!(row_label, String),
+        name!(path, String),
+        name!(problem, String),
+    ),
+> {
+    require_superuser("vault_redirect.verify");
+    let mut problems = Vec::new();
+    for declaration in declare::load_declarations(None).or_raise() {
+        let scan = ColumnScan::new(&declaration).or_raise();
+        scan.for_each(|_, row| {
+            let mut report = |problem: String| {
+                problems.push((
+                    declaration.display_table(),
+                    declaration.column_name.clone(),
+                    row.label.clone(),
+                    row.path.clone(),
+                    problem,
+                ))
+            };
+            let key = match reference_of(&scan, &row) {
+                Ok(Some(key)) => key,
+                Ok(None) => return Ok(()),
+                Err(failure) => {
+                    report(failure.message);
+                    return Ok(());
+                }
+            };
+            match plaintext(&scan, &row, key.as_deref()) {
+                Ok(_) => {}
+                Err(failure) if is_dangling(&failure) => {
+                    let detail = failure.detail.unwrap_or_default();
+                    report(format!("{} {detail}", failure.message).trim().to_owned());
+                }
+                Err(failure) => return Err(failure),
+            }
+            Ok(())
+        })
+        .or_raise();
+    }
+    TableIterator::new(problems)
+}
+
+/// Tells a reference that does not resolve from Vault being unavailable.
+fn is_dangling(failure: &Failure) -> bool {
+    failure.code == PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT
+}
+
+/// Moves every secret back from Vault into its row, checking each stored
+/// value, and marks the columns as not migrated. The KV entries stay in
+/// Vault: deleting them is a separate step. Superuser only.
+#[pg_extern(volatile, parallel_unsafe)]
+fn unmigrate() -> TableIterator<
+    'static,
+    (
+        name!(table_name, String),
+        name!(column_name, String),
+        name!(restored, i64),
+        name!(already_plaintext, i64),
+        name!(null_values, i64),
+    ),
+> {
+    require_superuser("vault_redirect.unmigrate");
+    backend::current_config()
+        .and_then(|c| c.ok_or_else(Failure::not_configured))
+        .or_raise();
+    Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[LOCK_KEY.into()])
+        .map_err(Failure::from)
+        .or_raise();
+    let mut summary = Vec::new();
+    for declaration in declare::load_declarations(None).or_raise() {
+        let (restored, plain, nulls) = unmigrate_column(&declaration).or_raise();
+        pgrx::log!(
+            "vault_redirect: restored {restored} values of {}.{} from Vault",
+            declaration.display_table(),
+            declaration.column_name
+        );
+        summary.push((
+            declaration.display_table(),
+            declaration.column_name.clone(),
+            restored,
+            plain,
+            nulls,
+        ));
+    }
+    TableIterator::new(summary)
+}
+
+fn unmigrate_column(declaration: &Declaration) -> Result<(i64, i64, i64), Failure> {
+    let scan = ColumnScan::new(declaration)?;
+    scan.lock()?;
+    let (mut restored, mut plain, mut nulls) = (0, 0, 0);
+    scan.for_each(|client, row| {
+        if row.value.is_none() {
+            nulls += 1;
+            return Ok(());
+        }
+        let Some(key) = reference_of(&scan, &row)? else {
+            plain += 1;
+            return Ok(());
+        };
+        let text = plaintext(&scan, &row, key.as_deref())?;
+        let stored = scan.update(client, &row.ctid, &text)?;
+        if !same_value(scan.is_json, stored.as_deref(), &text) {
+            return Err(Failure::new(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!(
+                    "{}: the value stored differs from the one read from Vault",
+                    row.label
+                ),
+            )
+            .hint("Nothing was changed: the transaction is rolled back."));
+        }
+        restored += 1;
+        Ok(())
+    })?;
+    scan.set_migrated(false)?;
+    Ok((restored, plain, nulls))
+}
+
+fn same_value(is_json: bool, stored: Option<&str>, expected: &str) -> bool {
+    let Some(stored) = stored else {
+        return false;
+    };
+    if !is_json {
+        return stored == expected;
+    }
+    let parse = |text: &str| serde_json::from_str::<Value>(text).ok();
+    parse(stored).is_some() && parse(stored) == parse(expected)
+}
