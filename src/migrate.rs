@@ -15,7 +15,7 @@ use crate::rows::ColumnScan;
 use crate::vault::{KvPath, VaultError};
 
 /// Key of the advisory lock that lets one migration run at a time.
-pub const LOCK_KEY: i64 = 0x7661_756c_745f_7264; // "vault_rd"
+const LOCK_KEY: i64 = 0x7661_756c_745f_7264; // "vault_rd"
 
 /// Moves every plaintext value of every declared column into Vault, and
 /// returns one row of counts per column. With `dry_run`, only counts what
@@ -33,14 +33,7 @@ fn migrate(
         name!(null_values, i64),
     ),
 > {
-    require_superuser("vault_redirect.migrate");
-    backend::current_config()
-        .and_then(|c| c.ok_or_else(Failure::not_configured))
-        .or_raise();
-    Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[LOCK_KEY.into()])
-        .map_err(Failure::from)
-        .or_raise();
-    let declarations = declare::load_declarations(None).or_raise();
+    let declarations = begin_bulk("vault_redirect.migrate");
     if declarations.is_empty() {
         Failure::new(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -52,24 +45,16 @@ fn migrate(
     let mut summary = Vec::new();
     for declaration in &declarations {
         let counts = migrate_column(declaration, dry_run).or_raise();
-        if dry_run {
-            summary.push((
-                declaration.display_table(),
-                declaration.column_name.clone(),
+        if !dry_run {
+            pgrx::log!(
+                "vault_redirect: migrated {} values of {}.{} ({} already migrated, {} NULL)",
                 counts.migrated,
+                declaration.display_table(),
+                declaration.column_name,
                 counts.already,
-                counts.nulls,
-            ));
-            continue;
+                counts.nulls
+            );
         }
-        pgrx::log!(
-            "vault_redirect: migrated {} values of {}.{} ({} already migrated, {} NULL)",
-            counts.migrated,
-            declaration.display_table(),
-            declaration.column_name,
-            counts.already,
-            counts.nulls
-        );
         summary.push((
             declaration.display_table(),
             declaration.column_name.clone(),
@@ -79,6 +64,20 @@ fn migrate(
         ));
     }
     TableIterator::new(summary)
+}
+
+/// Checks what migrate() and unmigrate() need before they start: a
+/// superuser, a configured server, no other migration running (an advisory
+/// lock held to the end of the transaction), and declared columns.
+pub fn begin_bulk(function: &str) -> Vec<Declaration> {
+    require_superuser(function);
+    backend::current_config()
+        .and_then(|c| c.ok_or_else(Failure::not_configured))
+        .or_raise();
+    Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[LOCK_KEY.into()])
+        .map_err(Failure::from)
+        .or_raise();
+    declare::load_declarations(None).or_raise()
 }
 
 #[derive(Default)]

@@ -5,10 +5,9 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use serde_json::Value;
 
-use crate::backend;
 use crate::declare::{self, Declaration};
 use crate::errors::{require_superuser, Failure, OrRaise};
-use crate::migrate::LOCK_KEY;
+use crate::migrate::begin_bulk;
 use crate::read::fetch;
 use crate::reference;
 use crate::resolve::foreign_reference;
@@ -135,15 +134,8 @@ fn unmigrate() -> TableIterator<
         name!(null_values, i64),
     ),
 > {
-    require_superuser("vault_redirect.unmigrate");
-    backend::current_config()
-        .and_then(|c| c.ok_or_else(Failure::not_configured))
-        .or_raise();
-    Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[LOCK_KEY.into()])
-        .map_err(Failure::from)
-        .or_raise();
     let mut summary = Vec::new();
-    for declaration in declare::load_declarations(None).or_raise() {
+    for declaration in begin_bulk("vault_redirect.unmigrate") {
         let (restored, plain, nulls) = unmigrate_column(&declaration).or_raise();
         pgrx::log!(
             "vault_redirect: restored {restored} values of {}.{} from Vault",
