@@ -134,7 +134,9 @@ impl From<VaultError> for Failure {
         use PgSqlErrorCode::*;
         let message = error.to_string();
         let detail = match &error {
-            VaultError::Sealed { .. } => Some("Vault answered 503: Vault is sealed.".to_owned()),
+            VaultError::Sealed { .. } => {
+                Some("Vault returned 503 and sys/seal-status reports it sealed.".to_owned())
+            }
             _ => error.vault_detail().map(|d| format!("Vault said: {d}")),
         };
         let (code, hint) = match &error {

@@ -23,7 +23,7 @@ pub struct Hooks {
     pub abort: fn() -> bool,
     /// Called before each retry with a one-line reason.
     pub on_retry: fn(&str),
-    /// Called after each answer: method, API path, status, milliseconds.
+    /// Called after each response: method, API path, status, milliseconds.
     pub on_response: fn(&str, &str, u16, f64),
 }
 
@@ -51,13 +51,13 @@ pub struct KvEntry {
     pub version: u64,
 }
 
-/// What `sys/wrapping/lookup` tells about a wrapping token.
+/// Wrapping token details returned by `sys/wrapping/lookup`.
 #[derive(Debug, Clone)]
 pub struct WrapInfo {
     pub creation_path: String,
 }
 
-/// What `sys/seal-status` reports; it needs no token.
+/// Seal state returned by `sys/seal-status`, which needs no token.
 #[derive(Debug, Clone)]
 pub struct SealStatus {
     pub sealed: bool,
@@ -271,7 +271,7 @@ impl VaultClient {
         })
     }
 
-    /// Unwraps a response-wrapping token that holds an AppRole secret_id.
+    /// Unwraps a response-wrapping token that contains an AppRole secret_id.
     /// This uses the token up: a second call fails.
     pub fn unwrap_secret_id(&self, wrapped: &Secret) -> Result<Secret, VaultError> {
         let api_path = "sys/wrapping/unwrap";
@@ -294,7 +294,7 @@ impl VaultClient {
             })
     }
 
-    /// Reads `sys/seal-status`, which answers without a token.
+    /// Reads `sys/seal-status`, which needs no token.
     pub fn seal_status(&self) -> Result<SealStatus, VaultError> {
         let api_path = "sys/seal-status";
         let response = self.send(Method::GET, api_path, None, None)?;
@@ -308,8 +308,8 @@ impl VaultClient {
 
     /// Sends a request with this client's token, logging in first when it
     /// has none or it is about to expire. A 403 on a token that was not
-    /// fresh leads to one new login and one more try: an expired or revoked
-    /// token and a policy denial answer alike.
+    /// fresh leads to one new login and one more try, because Vault returns
+    /// 403 both for an expired or revoked token and for a policy denial.
     fn authed(
         &mut self,
         operation: &'static str,
@@ -479,7 +479,7 @@ fn is_sealed_answer(response: &RawResponse) -> bool {
     response.status == 503 && vault_errors(&response.body, &[]).contains("sealed")
 }
 
-/// Returns why an answer is worth another try, and how long the server
+/// Returns why a response is worth another try, and how long the server
 /// asked to wait, or `None` when it is final.
 fn retry_reason(response: &RawResponse, idempotent: bool) -> Option<(String, Option<Duration>)> {
     match response.status {
@@ -512,8 +512,8 @@ fn vault_errors(body: &[u8], redact: &[&str]) -> String {
     redact_text(text, redact)
 }
 
-/// Explains a 404 on a KV read: a deleted or destroyed version answers
-/// 404 with its metadata, a path that never existed with nothing.
+/// Explains a 404 on a KV read. Vault returns the metadata of a deleted or
+/// destroyed version with its 404, and nothing for a path that never existed.
 fn not_found_detail(body: &[u8], redact: &[&str]) -> String {
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
         return String::new();

@@ -62,7 +62,7 @@ impl Transport {
             .map_err(|e| format!("could not start the I/O runtime: {e}"))?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
-            // A redirect would carry the token to a host nobody configured.
+            // A redirect would send the token to a host that was not configured.
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .tcp_nodelay(true)
@@ -120,7 +120,7 @@ impl Transport {
         &self.settings
     }
 
-    /// Sends one request and reads the whole answer. `abort` is called
+    /// Sends one request and reads the whole response. `abort` is called
     /// between wait slices; when it returns true the request is dropped.
     pub fn send(
         &self,
@@ -130,13 +130,13 @@ impl Transport {
         body: Option<Vec<u8>>,
         abort: &dyn Fn() -> bool,
     ) -> Result<RawResponse, VaultError> {
-        let shown = origin(&url);
+        let origin_text = origin(&url);
         if let Some((name, _)) = &self.settings.tls.server_name {
             // The connection goes to the configured address; the name is
             // what the certificate is checked against.
             url.set_host(Some(name))
                 .map_err(|e| VaultError::Unreachable {
-                    url: shown.clone(),
+                    url: origin_text.clone(),
                     cause: format!("invalid TLS server name \"{name}\": {e}"),
                     request_sent: false,
                 })?;
@@ -182,15 +182,15 @@ impl Transport {
         let _context = self.runtime.enter();
         match self.wait(tokio::time::timeout(limit, exchange), abort)? {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(classify(&shown, &error, &self.settings)),
+            Ok(Err(error)) => Err(classify(&origin_text, &error, &self.settings)),
             Err(_elapsed) => Err(VaultError::Timeout {
-                url: shown,
+                url: origin_text,
                 after_ms: limit.as_millis() as u64,
             }),
         }
     }
 
-    /// Sleeps for `duration`, giving up early when `abort` says so.
+    /// Sleeps for `duration`, giving up early when `abort` returns true.
     pub fn sleep(&self, duration: Duration, abort: &dyn Fn() -> bool) -> Result<(), VaultError> {
         let until = Instant::now() + duration;
         loop {
@@ -205,7 +205,7 @@ impl Transport {
         }
     }
 
-    /// Drives `future` to completion in slices, giving up when `abort` says so.
+    /// Drives `future` to completion in slices, giving up when `abort` returns true.
     fn wait<F: Future>(
         &self,
         future: F,
@@ -235,7 +235,7 @@ pub fn origin(url: &Url) -> String {
     url.origin().ascii_serialization()
 }
 
-fn classify(shown: &str, error: &reqwest::Error, settings: &TransportSettings) -> VaultError {
+fn classify(origin_text: &str, error: &reqwest::Error, settings: &TransportSettings) -> VaultError {
     if error.is_timeout() {
         let limit = if error.is_connect() {
             settings.connect_timeout
@@ -243,12 +243,12 @@ fn classify(shown: &str, error: &reqwest::Error, settings: &TransportSettings) -
             settings.request_timeout
         };
         return VaultError::Timeout {
-            url: shown.to_owned(),
+            url: origin_text.to_owned(),
             after_ms: limit.as_millis() as u64,
         };
     }
     VaultError::Unreachable {
-        url: shown.to_owned(),
+        url: origin_text.to_owned(),
         cause: root_cause(error),
         request_sent: !error.is_connect(),
     }
