@@ -1,0 +1,136 @@
+//! Faults in the middle of a migration: every declared column is left
+//! byte for byte as it was, and a rerun completes the job.
+
+use std::thread;
+use std::time::Duration;
+
+use vault_redirect_tests::stack::{db_error, describe, Stack};
+
+/// Rows in the table migrated under fault; enough for the migration to
+/// take a few seconds, so that the fault lands in the middle of it.
+const ROWS: u32 = 1500;
+const CHECKSUM: &str = "SELECT md5(string_agg(t::text, '|' ORDER BY path)) FROM big_secret t;";
+
+fn big_table(stack: &Stack) {
+    stack.pg.psql(&format!(
+        "CREATE TABLE big_secret (path text PRIMARY KEY, value jsonb NOT NULL);
+         INSERT INTO big_secret
+              SELECT 'node/' || g || '/power', jsonb_build_object('secret', md5(g::text))
+                FROM generate_series(1, {ROWS}) g;
+         SELECT vault_redirect.declare_kv_table('big_secret', 'path', 'value');"
+    ));
+}
+
+/// Runs migrate() while `fault` strikes after `delay`, and returns the
+/// migration's error.
+fn migrate_under(
+    stack: &Stack,
+    delay: Duration,
+    fault: impl FnOnce(i32) + Send,
+) -> postgres::Error {
+    let mut client = stack.superuser();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    thread::scope(|scope| {
+        scope.spawn(move || {
+            thread::sleep(delay);
+            fault(pid);
+        });
+        client
+            .query("SELECT * FROM vault_redirect.migrate()", &[])
+            .expect_err("the fault must stop the migration")
+    })
+}
+
+fn assert_rerun_completes(stack: &Stack) {
+    let mut client = stack.superuser();
+    let migrated: i64 = client
+        .query_one(
+            "SELECT sum(migrated + already_migrated)::bigint FROM vault_redirect.migrate()",
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("rerun failed: {}", describe(&e)))
+        .get(0);
+    assert_eq!(migrated, i64::from(ROWS));
+    let dangling = client
+        .query("SELECT * FROM vault_redirect.verify()", &[])
+        .unwrap();
+    assert!(dangling.is_empty());
+    let plaintext: i64 = client
+        .query_one(
+            "SELECT count(*) FROM big_secret WHERE NOT value ? '$vault_redirect'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(plaintext, 0);
+}
+
+#[test]
+fn seal_mid_migration() {
+    let stack = Stack::configured(&[]);
+    big_table(&stack);
+    let before = stack.pg.psql(CHECKSUM);
+    let error = migrate_under(&stack, Duration::from_millis(800), |_| stack.bao.seal());
+    assert_eq!(
+        db_error(&error).code().code(),
+        "57P03",
+        "{}",
+        describe(&error)
+    );
+    assert_eq!(stack.pg.psql(CHECKSUM), before);
+
+    stack.bao.unseal();
+    assert_rerun_completes(&stack);
+}
+
+#[test]
+fn cancel_mid_migration() {
+    let stack = Stack::configured(&[]);
+    big_table(&stack);
+    let before = stack.pg.psql(CHECKSUM);
+    let error = migrate_under(&stack, Duration::from_millis(800), |pid| {
+        stack.pg.psql(&format!("SELECT pg_cancel_backend({pid});"));
+    });
+    assert_eq!(
+        db_error(&error).code().code(),
+        "57014",
+        "{}",
+        describe(&error)
+    );
+    assert_eq!(stack.pg.psql(CHECKSUM), before);
+    assert_rerun_completes(&stack);
+}
+
+#[test]
+fn kill_backend_mid_migration() {
+    let stack = Stack::configured(&[]);
+    big_table(&stack);
+    let before = stack.pg.psql(CHECKSUM);
+    let error = migrate_under(&stack, Duration::from_millis(800), |pid| {
+        let status = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    });
+    assert!(
+        error.as_db_error().is_none() || error.is_closed(),
+        "{error}"
+    );
+
+    // The postmaster restarts every backend after the crash.
+    let mut recovered = false;
+    for _ in 0..100 {
+        if stack.pg.try_psql("SELECT 1;").is_ok() {
+            recovered = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(recovered, "PostgreSQL did not recover after the crash");
+    assert_eq!(stack.pg.psql(CHECKSUM), before);
+    assert_rerun_completes(&stack);
+}
