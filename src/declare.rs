@@ -171,28 +171,38 @@ fn wrong_type(table: &Table, column: &str, found: &str, expected: &str) -> Failu
 }
 
 pub fn find_table(table_name: &str) -> Result<Table, Failure> {
-    let row = Spi::get_three_with_args::<pg_sys::Oid, String, String>(
-        "SELECT c.oid, n.nspname::text, c.relname::text
-           FROM pg_catalog.pg_class c
-           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-          WHERE c.oid = $1::regclass AND c.relkind IN ('r', 'p')",
-        &[table_name.into()],
-    )?;
-    match row {
-        (Some(oid), Some(schema), Some(name)) => Ok(Table { oid, schema, name }),
-        _ => Err(Failure::new(
+    let found = Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT c.oid, n.nspname::text, c.relname::text
+               FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = $1::regclass AND c.relkind IN ('r', 'p')",
+            None,
+            &[table_name.into()],
+        )?;
+        let mut table = None;
+        for row in rows {
+            if let (Some(oid), Some(schema), Some(name)) = (row.get(1)?, row.get(2)?, row.get(3)?) {
+                table = Some(Table { oid, schema, name });
+            }
+        }
+        Ok::<_, pgrx::spi::Error>(table)
+    })?;
+    found.ok_or_else(|| {
+        Failure::new(
             PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
             format!("\"{table_name}\" is not a table"),
         )
-        .hint("Declare secret columns of ordinary or partitioned tables.")),
-    }
+        .hint("Declare secret columns of ordinary or partitioned tables.")
+    })
 }
 
 /// Returns the type of a column, without modifiers, or raises when the table
 /// has no such column.
 pub fn column_type(table: &Table, column: &str) -> Result<String, Failure> {
+    // An aggregate returns one row even when the column is missing.
     let found = Spi::get_one_with_args::<String>(
-        "SELECT a.atttypid::regtype::text
+        "SELECT max(a.atttypid::regtype::text)
            FROM pg_catalog.pg_attribute a
           WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
         &[table.oid.into(), column.into()],

@@ -7,10 +7,12 @@
 //!   an array, kept under that key as MAAS does.
 //! - text column: `$vault_redirect:<path>`, the value under key `secret`.
 //!
-//! `<path>` is relative to the configured secrets path. A value counts as a
-//! reference only when it is exactly the reference its own row would get,
-//! so a plaintext value that merely looks like one is never mistaken for
-//! it, and a reference copied into another row is rejected.
+//! `<path>` is relative to the configured secrets path. A value resolves
+//! only when it is exactly the reference its own row would get. A value of
+//! reference shape that names another path, such as a reference copied
+//! from another row, is rejected with an error by both the views and
+//! migrate(), so it can neither reveal another row's secret nor be taken
+//! for plaintext.
 
 use serde_json::{Map, Value};
 

@@ -532,3 +532,42 @@ fn fixture_loads_as_plain_sql() {
         "11"
     );
 }
+
+#[test]
+fn declare_rejects_bad_targets() {
+    let stack = Stack::configured(&[]);
+    stack.pg.psql(
+        "CREATE TABLE nokey (a int, secret text);
+         CREATE VIEW a_view AS SELECT 1 AS id, 'x'::text AS secret;
+         CREATE TABLE kv (path text, value jsonb);",
+    );
+    let mut client = stack.superuser();
+    let cases = [
+        (
+            "SELECT vault_redirect.declare_column('a_view', 'secret')",
+            "42809",
+        ),
+        (
+            "SELECT vault_redirect.declare_column('nokey', 'secret')",
+            "42P16",
+        ),
+        (
+            "SELECT vault_redirect.declare_column('nokey', 'missing')",
+            "42703",
+        ),
+        (
+            "SELECT vault_redirect.declare_kv_table('kv', 'path', 'value')",
+            "42P10",
+        ),
+        (
+            "SELECT vault_redirect.declare_kv_table('kv', 'value', 'path')",
+            "42804",
+        ),
+    ];
+    for (sql, code) in cases {
+        let error = client.execute(sql, &[]).expect_err(sql);
+        let db = db_error(&error);
+        assert_eq!(db.code().code(), code, "{sql}: {}", describe(&error));
+        assert!(db.hint().is_some(), "{sql} has no hint");
+    }
+}
