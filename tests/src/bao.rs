@@ -1,6 +1,6 @@
-//! OpenBao dev server per test, with admin helpers that act as its root
-//! token.
+//! OpenBao server per test, with admin helpers that act as its root token.
 
+use std::fmt;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 use tempfile::TempDir;
+use ureq::tls::{Certificate, RootCerts, TlsConfig};
 
 use crate::ports::reserve_consecutive_ports;
 use crate::scratch::{random_hex, run_dir, tail, BAO_PID_FILE};
@@ -17,16 +18,55 @@ use crate::scratch::{random_hex, run_dir, tail, BAO_PID_FILE};
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const START_ATTEMPTS: usize = 3;
 const LOG_FILE: &str = "bao.log";
+/// Server configuration of a persistent server, in its scratch folder.
+const CONFIG_FILE: &str = "config.hcl";
+/// Raft storage folder of a persistent server, in its scratch folder.
+const STORAGE_DIR: &str = "raft";
+/// Folder, in the scratch folder, where `-dev-tls` writes its files:
+/// `vault-ca.pem` (the CA certificate, mode 0444), `vault-cert.pem` and
+/// `vault-key.pem` (the server's certificate and key, mode 0400), as
+/// OpenBao 2.7 names them.
+const TLS_DIR: &str = "tls";
+const CA_FILE: &str = "vault-ca.pem";
 
-/// An OpenBao server in dev mode: in-memory storage, unsealed, with a KV v2
-/// engine at `secret/`, listening on a random 127.0.0.1 port.
+/// How a server is run, which decides its storage, its scheme and how the
+/// harness gets it ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServerKind {
+    /// `bao server -dev`: in-memory storage, initialized and unsealed by
+    /// OpenBao itself, KV v2 at `secret/`, plain HTTP.
+    Dev,
+    /// `bao server -dev -dev-tls`: like `Dev`, over HTTPS with a certificate
+    /// signed by a CA that OpenBao creates at startup.
+    DevTls,
+    /// `bao server -config=...` with raft storage in the scratch folder and
+    /// plain HTTP. The harness initializes it with one unseal key, unseals
+    /// it and enables KV v2 at `secret/`. Its data survives a restart.
+    Persistent,
+}
+
+impl fmt::Display for ServerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            ServerKind::Dev => "dev server",
+            ServerKind::DevTls => "dev TLS server",
+            ServerKind::Persistent => "persistent server",
+        };
+        f.write_str(name)
+    }
+}
+
+/// An OpenBao server on a random 127.0.0.1 port, unsealed, with a KV v2
+/// engine at `secret/`. See [`Bao::start_dev`], [`Bao::start_dev_tls`] and
+/// [`Bao::start_persistent`].
 ///
-/// Dropping it kills the server and removes its folder (home, log, and the
-/// `.vault-token` file that dev mode writes).
+/// Dropping it kills the server and removes its folder (home, log, storage,
+/// certificates, and the `.vault-token` file that dev mode writes).
 pub struct Bao {
     child: Child,
     dir: TempDir,
     port: u16,
+    kind: ServerKind,
     root_token: String,
     unseal_key: String,
     http: ureq::Agent,
@@ -36,8 +76,30 @@ impl Bao {
     /// Starts a dev server and waits until `GET /v1/sys/health` reports it
     /// unsealed, or panics after 20 s with the end of the server log.
     pub fn start_dev() -> Bao {
+        Self::start(ServerKind::Dev)
+    }
+
+    /// Starts a dev server that serves HTTPS (`-dev-tls`), with its
+    /// certificates in its scratch folder. [`Bao::addr`] is
+    /// `https://127.0.0.1:PORT`, and the harness's HTTP client and CLI trust
+    /// the CA at [`Bao::ca_cert_path`].
+    pub fn start_dev_tls() -> Bao {
+        Self::start(ServerKind::DevTls)
+    }
+
+    /// Starts a non-dev server with raft storage in its scratch folder,
+    /// initializes it with a single unseal key, unseals it and enables KV v2
+    /// at `secret/`. Unlike a dev server, it can be stopped and started again
+    /// with [`Bao::restart`], keeping its data, roles and tokens.
+    pub fn start_persistent() -> Bao {
+        let mut bao = Self::start(ServerKind::Persistent);
+        bao.initialize();
+        bao
+    }
+
+    fn start(kind: ServerKind) -> Bao {
         for attempt in 1..=START_ATTEMPTS {
-            match Self::try_start_dev() {
+            match Self::try_start(kind) {
                 Ok(bao) => return bao,
                 // Another process took the port after the bind test.
                 Err(StartError::AddressInUse) if attempt < START_ATTEMPTS => continue,
@@ -45,63 +107,44 @@ impl Bao {
                 Err(StartError::Failed(message)) => panic!("{message}"),
             }
         }
-        panic!("OpenBao dev server failed to start {START_ATTEMPTS} times: address already in use");
+        panic!("OpenBao {kind} failed to start {START_ATTEMPTS} times: address already in use");
     }
 
-    fn try_start_dev() -> Result<Bao, StartError> {
+    fn try_start(kind: ServerKind) -> Result<Bao, StartError> {
         let dir = tempfile::Builder::new()
             .prefix("bao-")
             .tempdir_in(run_dir())
             .expect("failed to create the OpenBao scratch folder");
-        // Dev mode listens on the API port and on the next one for cluster
-        // traffic.
+        // The server listens on the API port and on the next one for
+        // cluster traffic.
         let port = reserve_consecutive_ports(2);
-        let root_token = random_hex(16);
-        let log_path = dir.path().join(LOG_FILE);
-        let log = fs::File::create(&log_path).expect("failed to create the OpenBao log file");
-        let log_for_stderr = log
-            .try_clone()
-            .expect("failed to clone the log file handle");
-
-        let mut command = Command::new(bao_binary());
-        command
-            .arg("server")
-            .arg("-dev")
-            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_for_stderr);
-        clear_bao_env(&mut command);
-        // Same as -dev-root-token-id, but keeps the token out of the process
-        // list.
-        command
-            .env("BAO_DEV_ROOT_TOKEN_ID", &root_token)
-            .env("HOME", dir.path());
-        let child = match command.spawn() {
-            Ok(child) => child,
-            Err(err) => {
-                return Err(StartError::Failed(format!(
-                    "failed to run {}: {err} (install OpenBao with scripts/setup.sh)",
-                    bao_binary()
-                )))
-            }
+        let root_token = match kind {
+            ServerKind::Dev | ServerKind::DevTls => random_hex(16),
+            // `sys/init` creates the root token of a persistent server.
+            ServerKind::Persistent => String::new(),
         };
-        fs::write(dir.path().join(BAO_PID_FILE), child.id().to_string())
-            .expect("failed to write the OpenBao pid file");
-
+        match kind {
+            ServerKind::Dev => {}
+            ServerKind::DevTls => create_dir(&dir.path().join(TLS_DIR)),
+            ServerKind::Persistent => write_server_config(dir.path(), port),
+        }
+        let child =
+            spawn_server(kind, dir.path(), port, &root_token).map_err(StartError::Failed)?;
         let mut bao = Bao {
             child,
             dir,
             port,
+            kind,
             root_token,
             unseal_key: String::new(),
-            http: http_agent(),
+            http: http_agent(None),
         };
         bao.wait_until_ready()?;
         Ok(bao)
     }
 
+    /// Waits until the server responds to `GET /v1/sys/health`. A dev server
+    /// must also report itself unsealed and have printed its unseal key.
     fn wait_until_ready(&mut self) -> Result<(), StartError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -111,20 +154,19 @@ impl Bao {
                     return Err(StartError::AddressInUse);
                 }
                 return Err(StartError::Failed(format!(
-                    "OpenBao dev server on {} exited with {status} during startup; last lines of its log:\n{}",
+                    "OpenBao {} on {} exited with {status} during startup; last lines of its log:\n{}",
+                    self.kind,
                     self.addr(),
                     self.redacted_log_tail()
                 )));
             }
-            if self.health_status() == Some(200) {
-                if let Some(key) = self.parse_unseal_key() {
-                    self.unseal_key = key;
-                    return Ok(());
-                }
+            if self.is_ready() {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(StartError::Failed(format!(
-                    "OpenBao dev server on {} was not ready within {} s; last lines of its log:\n{}",
+                    "OpenBao {} on {} was not ready within {} s; last lines of its log:\n{}",
+                    self.kind,
                     self.addr(),
                     READY_TIMEOUT.as_secs(),
                     self.redacted_log_tail()
@@ -132,6 +174,69 @@ impl Bao {
             }
             sleep(Duration::from_millis(100));
         }
+    }
+
+    fn is_ready(&mut self) -> bool {
+        match self.kind {
+            ServerKind::Persistent => self.health_status().is_some(),
+            ServerKind::Dev | ServerKind::DevTls => {
+                if self.kind == ServerKind::DevTls && !self.trust_dev_ca() {
+                    return false;
+                }
+                if self.health_status() != Some(200) {
+                    return false;
+                }
+                match self.parse_unseal_key() {
+                    Some(key) => {
+                        self.unseal_key = key;
+                        true
+                    }
+                    None => false,
+                }
+            }
+        }
+    }
+
+    /// Makes the HTTP client trust the CA that `-dev-tls` wrote, once the
+    /// file is complete. Returns whether the client trusts it.
+    fn trust_dev_ca(&mut self) -> bool {
+        let Some(ca_path) = self.ca_cert_path() else {
+            return false;
+        };
+        let Ok(pem) = fs::read(&ca_path) else {
+            return false;
+        };
+        // A file still being written does not parse yet.
+        let Ok(certificate) = Certificate::from_pem(&pem) else {
+            return false;
+        };
+        self.http = http_agent(Some(certificate));
+        true
+    }
+
+    /// Initializes a new persistent server with one unseal key, keeps the
+    /// key and the root token in memory only, unseals the server and
+    /// enables KV v2 at `secret/`.
+    fn initialize(&mut self) {
+        let body = json!({ "secret_shares": 1, "secret_threshold": 1 });
+        let (status, value) = self.request_as(None, "PUT", "/v1/sys/init", Some(&body));
+        if status != 200 {
+            panic!(
+                "PUT /v1/sys/init on {} returned HTTP {status}; errors: {}",
+                self.addr(),
+                value.get("errors").unwrap_or(&Value::Null)
+            );
+        }
+        self.unseal_key = value["keys_base64"][0]
+            .as_str()
+            .expect("sys/init response has keys_base64")
+            .to_string();
+        self.root_token = value["root_token"]
+            .as_str()
+            .expect("sys/init response has root_token")
+            .to_string();
+        self.unseal();
+        self.enable_kv2("secret");
     }
 
     fn health_status(&self) -> Option<u16> {
@@ -177,9 +282,25 @@ impl Bao {
             .join("\n")
     }
 
-    /// Returns the base URL, `http://127.0.0.1:PORT`.
+    /// Returns the base URL, `http://127.0.0.1:PORT`, or
+    /// `https://127.0.0.1:PORT` for a server from [`Bao::start_dev_tls`].
     pub fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = match self.kind {
+            ServerKind::DevTls => "https",
+            ServerKind::Dev | ServerKind::Persistent => "http",
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// Returns the path of the CA certificate (PEM) that signed the server's
+    /// certificate, for a server from [`Bao::start_dev_tls`]. The file is
+    /// inside the scratch folder, which only root can enter, so copy it for
+    /// the `postgres` OS user.
+    pub fn ca_cert_path(&self) -> Option<PathBuf> {
+        match self.kind {
+            ServerKind::DevTls => Some(self.dir.path().join(TLS_DIR).join(CA_FILE)),
+            ServerKind::Dev | ServerKind::Persistent => None,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -192,7 +313,7 @@ impl Bao {
         &self.root_token
     }
 
-    /// Returns the single unseal key of the dev server, for seal/unseal tests.
+    /// Returns the single unseal key of the server, for seal/unseal tests.
     pub fn unseal_key(&self) -> &str {
         &self.unseal_key
     }
@@ -243,7 +364,13 @@ impl Bao {
             .env("BAO_ADDR", &addr)
             .env("VAULT_ADDR", &addr)
             .env("BAO_TOKEN", token.unwrap_or(&self.root_token))
-            .env("HOME", self.dir.path())
+            .env("HOME", self.dir.path());
+        if let Some(ca_path) = self.ca_cert_path() {
+            command
+                .env("BAO_CACERT", &ca_path)
+                .env("VAULT_CACERT", &ca_path);
+        }
+        command
             .stdin(if input.is_some() {
                 Stdio::piped()
             } else {
@@ -297,7 +424,7 @@ impl Bao {
         self.send(token, &[], method, path, body)
     }
 
-    fn send(
+    pub(crate) fn send(
         &self,
         token: Option<&str>,
         extra_headers: &[(&str, &str)],
@@ -350,7 +477,7 @@ impl Bao {
 
     /// Sends a request as the root token and panics unless the status is one
     /// of `expected`. The panic message shows the `errors` field only.
-    fn request_expect(
+    pub(crate) fn request_expect(
         &self,
         method: &str,
         path: &str,
@@ -373,6 +500,8 @@ impl Bao {
         self.request_expect("PUT", "/v1/sys/seal", None, &[200, 204]);
     }
 
+    /// Submits the unseal key, then waits until the server is active and
+    /// every KV v2 engine responds again.
     pub fn unseal(&self) {
         let body = json!({ "key": self.unseal_key });
         let value = self.request_expect("PUT", "/v1/sys/unseal", Some(&body), &[200]);
@@ -381,6 +510,35 @@ impl Bao {
             Value::Bool(false),
             "OpenBao is still sealed after submitting the unseal key"
         );
+        self.wait_until_active();
+        let mounts = self.request_expect("GET", "/v1/sys/mounts", None, &[200]);
+        let Some(mounts) = mounts["data"].as_object() else {
+            return;
+        };
+        for (mount, info) in mounts {
+            if info["type"] == "kv" && info["options"]["version"] == "2" {
+                self.wait_for_kv2(mount.trim_end_matches('/'));
+            }
+        }
+    }
+
+    /// Waits until `GET /v1/sys/health` returns 200 (initialized, unsealed
+    /// and active), or panics after 20 s.
+    fn wait_until_active(&self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let status = self.health_status();
+            if status == Some(200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "OpenBao on {} was not active within {} s after unsealing (last health status: {status:?})",
+                self.addr(),
+                READY_TIMEOUT.as_secs()
+            );
+            sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn is_sealed(&self) -> bool {
@@ -392,6 +550,22 @@ impl Bao {
     /// connections, but requests get no response, as with a hung server.
     pub fn suspend(&self) {
         self.signal(libc::SIGSTOP);
+        // kill(2) returns before the process has stopped; wait until the
+        // kernel reports it stopped, so that no request slips through.
+        let stat = format!("/proc/{}/stat", self.child.id());
+        for _ in 0..500 {
+            let state = fs::read_to_string(&stat).unwrap_or_default();
+            if let Some((_, rest)) = state.rsplit_once(") ") {
+                if rest.starts_with('T') {
+                    return;
+                }
+            }
+            sleep(Duration::from_millis(2));
+        }
+        panic!(
+            "OpenBao (pid {}) did not stop after SIGSTOP",
+            self.child.id()
+        );
     }
 
     /// Continues a server stopped by [`Bao::suspend`].
@@ -409,11 +583,35 @@ impl Bao {
         );
     }
 
-    /// Kills the server; its folder stays until drop. Dev mode keeps
-    /// everything in memory, so a stopped server cannot be restarted.
+    /// Kills the server; its folder stays until drop, and its port is
+    /// refused until [`Bao::restart`]. Dev mode keeps everything in memory,
+    /// so only a persistent server can be started again.
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Stops a server from [`Bao::start_persistent`] if it runs, starts it
+    /// again on the same port with the same storage, and unseals it. Its
+    /// data, roles and unexpired tokens are kept.
+    pub fn restart(&mut self) {
+        assert_eq!(
+            self.kind,
+            ServerKind::Persistent,
+            "only a persistent server keeps its data across a restart"
+        );
+        self.stop();
+        self.child = spawn_server(self.kind, self.dir.path(), self.port, "")
+            .unwrap_or_else(|message| panic!("{message}"));
+        match self.wait_until_ready() {
+            Ok(()) => {}
+            Err(StartError::AddressInUse) => panic!(
+                "OpenBao could not restart on {}: another process took the port",
+                self.addr()
+            ),
+            Err(StartError::Failed(message)) => panic!("{message}"),
+        }
+        self.unseal();
     }
 
     // ---- AppRole -----------------------------------------------------------
@@ -533,8 +731,13 @@ impl Bao {
         let body = json!({ "type": "kv", "options": { "version": "2" } });
         let path = format!("/v1/sys/mounts/{}", encode_path(mount));
         self.request_expect("POST", &path, Some(&body), &[200, 204]);
-        // A new KV v2 engine rejects requests until its storage upgrade has
-        // run, so wait for its config endpoint.
+        self.wait_for_kv2(mount);
+    }
+
+    /// Waits until the KV v2 engine at `mount` responds, or panics after
+    /// 10 s. A KV v2 engine rejects requests until its storage upgrade has
+    /// run, after it is enabled and after each unseal.
+    fn wait_for_kv2(&self, mount: &str) {
         let config_path = format!("/v1/{}/config", encode_path(mount));
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.request("GET", &config_path, None).0 != 200 {
@@ -646,14 +849,119 @@ fn clear_bao_env(command: &mut Command) {
     }
 }
 
-fn http_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
+/// Builds the harness's HTTP client. With `ca`, HTTPS servers are trusted
+/// only if that CA signed their certificate.
+fn http_agent(ca: Option<Certificate<'static>>) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         // Only servers on 127.0.0.1 are contacted, never through a proxy.
         .proxy(None)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
+        .timeout_global(Some(Duration::from_secs(30)));
+    if let Some(ca) = ca {
+        let tls = TlsConfig::builder()
+            .root_certs(RootCerts::new_with_certs(&[ca]))
+            .build();
+        config = config.tls_config(tls);
+    }
+    config.build().into()
+}
+
+/// Starts `bao server` of `kind` in `dir` on `port` (API) and `port + 1`
+/// (cluster), appending its output to the log file, and records its
+/// process id for the stale-run cleanup.
+fn spawn_server(
+    kind: ServerKind,
+    dir: &Path,
+    port: u16,
+    root_token: &str,
+) -> Result<Child, String> {
+    let log_path = dir.join(LOG_FILE);
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .expect("failed to open the OpenBao log file");
+    let log_for_stderr = log
+        .try_clone()
+        .expect("failed to clone the log file handle");
+
+    let mut command = Command::new(bao_binary());
+    command.arg("server");
+    match kind {
+        ServerKind::Dev | ServerKind::DevTls => {
+            command
+                .arg("-dev")
+                .arg(format!("-dev-listen-address=127.0.0.1:{port}"));
+        }
+        ServerKind::Persistent => {
+            command.arg(format!("-config={}", dir.join(CONFIG_FILE).display()));
+        }
+    }
+    if kind == ServerKind::DevTls {
+        command
+            .arg("-dev-tls")
+            .arg(format!("-dev-tls-cert-dir={}", dir.join(TLS_DIR).display()));
+    }
+    command
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_for_stderr);
+    clear_bao_env(&mut command);
+    command.env("HOME", dir);
+    if !root_token.is_empty() {
+        // Same as -dev-root-token-id, but keeps the token out of the process
+        // list.
+        command.env("BAO_DEV_ROOT_TOKEN_ID", root_token);
+    }
+    let child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            return Err(format!(
+                "failed to run {}: {err} (install OpenBao with scripts/setup.sh)",
+                bao_binary()
+            ))
+        }
+    };
+    fs::write(dir.join(BAO_PID_FILE), child.id().to_string())
+        .expect("failed to write the OpenBao pid file");
+    Ok(child)
+}
+
+/// Writes the configuration of a persistent server. OpenBao 2.7 has no
+/// `file` storage and no `disable_mlock` setting, so it uses single-node
+/// raft storage, which needs a cluster address.
+fn write_server_config(dir: &Path, port: u16) {
+    let storage = dir.join(STORAGE_DIR);
+    create_dir(&storage);
+    let cluster_port = port + 1;
+    let config = format!(
+        r#"storage "raft" {{
+  path = "{storage}"
+  node_id = "node1"
+}}
+
+listener "tcp" {{
+  address = "127.0.0.1:{port}"
+  cluster_address = "127.0.0.1:{cluster_port}"
+  tls_disable = true
+}}
+
+api_addr = "http://127.0.0.1:{port}"
+cluster_addr = "http://127.0.0.1:{cluster_port}"
+"#,
+        storage = storage.display()
+    );
+    let path = dir.join(CONFIG_FILE);
+    if let Err(err) = fs::write(&path, config) {
+        panic!("failed to write {}: {err}", path.display());
+    }
+}
+
+fn create_dir(path: &Path) {
+    if let Err(err) = fs::create_dir(path) {
+        panic!("failed to create {}: {err}", path.display());
+    }
 }
 
 fn kv_url(mount: &str, kind: &str, path: &str) -> String {

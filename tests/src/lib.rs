@@ -3,8 +3,9 @@
 //! Each test starts its own servers on 127.0.0.1, so tests can run in
 //! parallel in one test binary:
 //!
-//! - [`Bao`]: an OpenBao dev server (in-memory storage, random root token),
-//!   with helpers for AppRole setup and KV v2 access as the root token.
+//! - [`Bao`]: an OpenBao server (dev, dev with TLS, or persistent with raft
+//!   storage that survives a restart), with helpers for AppRole setup, KV v2
+//!   access, policies, quotas and token revocation as the root token.
 //! - [`Pg`]: a PostgreSQL 15 cluster run by the `postgres` OS user, copied
 //!   from a template cluster that is initialised once per test process.
 //!
@@ -20,6 +21,7 @@
 //! extension installed into that PostgreSQL (`scripts/setup.sh` does both).
 
 pub mod bao;
+mod bao_admin;
 pub mod pg;
 mod ports;
 mod scratch;

@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -191,6 +192,22 @@ impl Pg {
         } else {
             Err(String::from_utf8_lossy(&output.stderr).into_owned())
         }
+    }
+
+    /// Writes `contents` to the file `name` in the data directory, owned by
+    /// the `postgres` OS user with mode 0600, and returns its path. Use it
+    /// for files the server must read, such as a CA certificate, because the
+    /// harness's other scratch folders are closed to that user.
+    pub fn install_file(&self, name: &str, contents: &[u8]) -> PathBuf {
+        let path = self.data_dir().join(name);
+        if let Err(err) = fs::write(&path, contents) {
+            panic!("failed to write {}: {err}", path.display());
+        }
+        if let Err(err) = fs::set_permissions(&path, fs::Permissions::from_mode(0o600)) {
+            panic!("failed to set mode 0600 on {}: {err}", path.display());
+        }
+        chown_to_postgres(&path);
+        path
     }
 
     /// Appends `lines` to `postgresql.conf`. They take effect at the next

@@ -1,6 +1,7 @@
-//! A configured stack: an OpenBao dev server with an AppRole bound to the
-//! minimal policy, and a PostgreSQL cluster with the extension created and
-//! configured through a wrapped secret_id.
+//! A configured stack: an OpenBao server (a dev server unless the test passes
+//! another) with an AppRole bound to the minimal policy, and a PostgreSQL
+//! cluster with the extension created and configured through a wrapped
+//! secret_id.
 
 use postgres::error::DbError;
 use postgres::Client;
@@ -26,7 +27,14 @@ impl Stack {
     /// Starts both servers, creates the AppRole (with `role_args` added to
     /// its parameters) and the extension, and configures it.
     pub fn configured(role_args: &[&str]) -> Stack {
-        let stack = Stack::unconfigured(role_args);
+        Stack::configured_on(Bao::start_dev(), role_args)
+    }
+
+    /// Like [`Stack::configured`], on the given OpenBao server. A server
+    /// that serves HTTPS needs `vault_redirect.ca_file` set first, so use
+    /// [`Stack::unconfigured_on`] and [`Stack::install_ca_file`] for it.
+    pub fn configured_on(bao: Bao, role_args: &[&str]) -> Stack {
+        let stack = Stack::unconfigured_on(bao, role_args);
         let wrapped = stack.bao.wrapped_secret_id(ROLE);
         let mut client = stack.superuser();
         stack
@@ -37,7 +45,11 @@ impl Stack {
 
     /// Starts both servers and creates the AppRole and the extension only.
     pub fn unconfigured(role_args: &[&str]) -> Stack {
-        let bao = Bao::start_dev();
+        Stack::unconfigured_on(Bao::start_dev(), role_args)
+    }
+
+    /// Like [`Stack::unconfigured`], on the given OpenBao server.
+    pub fn unconfigured_on(bao: Bao, role_args: &[&str]) -> Stack {
         let pg = Pg::start();
         let role_id = bao.setup_approle(ROLE, MOUNT, SECRETS_PATH, role_args);
         pg.psql("CREATE EXTENSION vault_redirect;");
@@ -86,6 +98,30 @@ impl Stack {
     /// Returns the path of this server's configuration file.
     pub fn config_file(&self) -> std::path::PathBuf {
         self.pg.data_dir().join("vault_redirect.conf")
+    }
+
+    /// Returns the secret_id stored in the configuration file. Tests compare
+    /// against it and must never print it.
+    pub fn stored_secret_id(&self) -> String {
+        let path = self.config_file();
+        let text = std::fs::read(&path)
+            .unwrap_or_else(|err| panic!("failed to read {}: {err}", path.display()));
+        let config: serde_json::Value = serde_json::from_slice(&text)
+            .unwrap_or_else(|err| panic!("{} is not JSON: {err}", path.display()));
+        config["secret_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{} has no secret_id", path.display()))
+            .to_owned()
+    }
+
+    /// Copies the CA certificate at `source` into the data directory, where
+    /// the `postgres` OS user can read it, and returns the copy's path for
+    /// `vault_redirect.ca_file`.
+    pub fn install_ca_file(&self, source: &std::path::Path, name: &str) -> String {
+        let pem = std::fs::read(source)
+            .unwrap_or_else(|err| panic!("failed to read {}: {err}", source.display()));
+        let path = self.pg.install_file(name, &pem);
+        path.to_str().expect("scratch paths are UTF-8").to_owned()
     }
 }
 

@@ -167,6 +167,93 @@ fn bao_suspend_resume_and_stop() {
 }
 
 #[test]
+fn bao_dev_tls_trusts_own_ca() {
+    let bao = Bao::start_dev_tls();
+    assert!(bao.addr().starts_with("https://127.0.0.1:"));
+    let ca_path = bao.ca_cert_path().expect("a dev TLS server has a CA");
+    let pem = fs::read_to_string(&ca_path).expect("the CA file is readable");
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+
+    // The HTTP client and the CLI both trust the CA.
+    bao.setup_approle("tls", "secret", "tls-app", &[]);
+    assert!(!bao.wrapped_secret_id("tls").is_empty());
+    bao.kv_put("secret", "tls-app/x", &json!({ "secret": "over-tls" }));
+    assert_eq!(
+        bao.kv_get("secret", "tls-app/x"),
+        Some(json!({ "secret": "over-tls" }))
+    );
+}
+
+#[test]
+fn bao_persistent_survives_restart() {
+    let mut bao = Bao::start_persistent();
+    assert!(!bao.root_token().is_empty());
+    assert!(!bao.unseal_key().is_empty());
+    let role_id = bao.setup_approle("kept", "secret", "kept-app", &[]);
+    let secret_id = bao.secret_id("kept");
+    let token = bao
+        .approle_login(&role_id, &secret_id)
+        .expect("AppRole login succeeds");
+    bao.kv_put("secret", "kept-app/x", &json!({ "secret": "kept" }));
+    let port = bao.port();
+
+    bao.stop();
+    assert!(!port_accepts_connections(port));
+
+    bao.restart();
+    assert_eq!(bao.port(), port);
+    assert!(!bao.is_sealed());
+    assert_eq!(
+        bao.kv_get("secret", "kept-app/x"),
+        Some(json!({ "secret": "kept" }))
+    );
+    let (status, _) = bao.request_as(Some(&token), "GET", "/v1/secret/data/kept-app/x", None);
+    assert_eq!(status, 200, "a token issued before the restart still works");
+    assert!(bao.approle_login(&role_id, &secret_id).is_some());
+}
+
+#[test]
+fn bao_revoke_approle_tokens() {
+    let bao = Bao::start_dev();
+    let role_id = bao.setup_approle("revoked", "secret", "revoked-app", &[]);
+    let secret_id = bao.secret_id("revoked");
+    let token = bao
+        .approle_login(&role_id, &secret_id)
+        .expect("AppRole login succeeds");
+    assert_eq!(bao.approle_token_accessors().len(), 1);
+
+    bao.revoke_approle_tokens();
+    assert!(bao.approle_token_accessors().is_empty());
+    let (status, _) = bao.request_as(Some(&token), "GET", "/v1/secret/data/revoked-app/x", None);
+    assert_eq!(status, 403, "a revoked token is rejected");
+}
+
+#[test]
+fn bao_rate_limit_and_removal() {
+    let bao = Bao::start_dev();
+    bao.enable_rate_limit("harness", 1.0);
+    let statuses: Vec<u16> = (0..5)
+        .map(|_| bao.request("GET", "/v1/sys/mounts", None).0)
+        .collect();
+    assert!(statuses.contains(&429), "statuses: {statuses:?}");
+
+    // The exempt paths are kept, so health and unseal still respond.
+    thread::sleep(Duration::from_millis(1100));
+    let (status, config) = bao.request("GET", "/v1/sys/quotas/config", None);
+    assert_eq!(status, 200);
+    assert_eq!(config["data"]["enable_rate_limit_response_headers"], true);
+    assert!(config["data"]["rate_limit_exempt_paths"]
+        .as_array()
+        .is_some_and(|paths| paths.iter().any(|path| path == "sys/health")));
+
+    bao.disable_rate_limit("harness");
+    let statuses: Vec<u16> = (0..5)
+        .map(|_| bao.request("GET", "/v1/sys/mounts", None).0)
+        .collect();
+    assert_eq!(statuses, [200; 5]);
+}
+
+#[test]
 fn pg_connect_psql_and_restart() {
     let pg = Pg::start();
     let mut client = pg.connect("postgres");
