@@ -183,6 +183,7 @@ cat >>"$pg_data/postgresql.conf" <<EOF
 include 'vault_redirect_test.conf'
 port = $pg_port
 unix_socket_directories = '$pg_data'
+cluster_name = 'demo-primary'
 EOF
 run_as_postgres pg_ctl start -D "$pg_data" -l "$pg_log" -w -t 60 -s
 pg_started=1

@@ -21,3 +21,11 @@ SELECT pg_catalog.pg_extension_config_dump('vault_redirect.secret_columns', '');
 
 COMMENT ON TABLE vault_redirect.secret_columns IS
     'Columns whose secrets vault_redirect keeps in Vault KV v2';
+
+-- Servers that must have their own Vault configuration before migrate()
+-- runs, besides the standbys streaming from this server. pg_dump keeps it.
+CREATE TABLE vault_redirect.servers (
+    name text PRIMARY KEY CHECK (name <> '' AND position('/' in name) = 0),
+    added_at timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('vault_redirect.servers', '');

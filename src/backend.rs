@@ -65,11 +65,37 @@ fn log_response(method: &str, path: &str, status: u16, millis: f64) {
     pgrx::debug1!("vault_redirect: {method} /v1/{path} answered {status} in {millis:.1} ms");
 }
 
-/// Returns the path of this server's configuration file.
-pub fn config_path() -> PathBuf {
+/// Returns this server's data directory.
+pub fn data_dir() -> PathBuf {
     // SAFETY: DataDir is set once at startup and never freed.
     let dir = unsafe { CStr::from_ptr(pg_sys::DataDir) };
-    config::path_in(std::path::Path::new(&*dir.to_string_lossy()))
+    PathBuf::from(&*dir.to_string_lossy())
+}
+
+/// Returns the path of this server's configuration file.
+pub fn config_path() -> PathBuf {
+    config::path_in(&data_dir())
+}
+
+/// Loads the configuration file, rejecting one written for another data
+/// directory: a standby made with pg_basebackup receives the primary's
+/// file, but must log in with its own AppRole.
+fn load_own_config() -> Result<Option<ServerConfig>, Failure> {
+    let Some(config) = config::load(&config_path())? else {
+        return Ok(None);
+    };
+    if config.data_dir_id != config::data_dir_id(&data_dir())? {
+        return Err(Failure::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "vault_redirect is not configured on this server: its configuration file was copied from server \"{}\"",
+                config.server_name
+            ),
+        )
+        .detail("A base backup copies the data directory, this file included.")
+        .hint("Run vault_redirect.configure() on this server with its own AppRole and wrapped secret_id."));
+    }
+    Ok(Some(config))
 }
 
 /// Reads the transport settings for a Vault at `url`.
@@ -226,7 +252,7 @@ fn with_session<R>(
         None => false,
     };
     if !current {
-        let config = config::load(&path)?.ok_or_else(Failure::not_configured)?;
+        let config = load_own_config()?.ok_or_else(Failure::not_configured)?;
         let client = client_for(&config, true)?;
         BACKEND.with(|cell| {
             cell.borrow_mut().session = Some(Session {
@@ -263,7 +289,7 @@ pub fn forget_session() {
 
 /// Returns this server's configuration without any request, if there is one.
 pub fn current_config() -> Result<Option<ServerConfig>, Failure> {
-    Ok(config::load(&config_path())?)
+    load_own_config()
 }
 
 /// Returns the time to live of this backend's token, when it has one.

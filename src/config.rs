@@ -24,8 +24,23 @@ pub struct ServerConfig {
     pub secret_id: Secret,
     pub secrets_mount: String,
     pub secrets_path: String,
+    /// The name this server registered under in Vault.
+    pub server_name: String,
+    /// Device and inode of the data directory the file was written for. A
+    /// base backup copies the file to a standby, where they differ.
+    pub data_dir_id: String,
     /// Seconds since the Unix epoch.
     pub configured_at: u64,
+}
+
+/// Returns the identity of a data directory: its device and inode numbers.
+pub fn data_dir_id(dir: &Path) -> Result<String, ConfigError> {
+    let meta = fs::metadata(dir).map_err(|source| ConfigError::Io {
+        action: "inspect",
+        path: dir.to_owned(),
+        source,
+    })?;
+    Ok(format!("{}:{}", meta.dev(), meta.ino()))
 }
 
 /// Identifies one version of the file, to notice a reconfiguration made by
@@ -102,6 +117,8 @@ pub fn load(path: &Path) -> Result<Option<ServerConfig>, ConfigError> {
         secret_id: Secret::new(field("secret_id")?),
         secrets_mount: field("secrets_mount")?,
         secrets_path: field("secrets_path")?,
+        server_name: field("server_name")?,
+        data_dir_id: field("data_dir_id")?,
         configured_at: value["configured_at"].as_u64().unwrap_or(0),
     }))
 }
@@ -125,6 +142,8 @@ pub fn save(path: &Path, config: &ServerConfig) -> Result<(), ConfigError> {
         "secret_id": config.secret_id.expose(),
         "secrets_mount": config.secrets_mount,
         "secrets_path": config.secrets_path,
+        "server_name": config.server_name,
+        "data_dir_id": config.data_dir_id,
         "configured_at": config.configured_at,
     });
     let temp = path.with_extension(format!("conf.tmp.{}", std::process::id()));

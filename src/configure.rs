@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 use crate::backend;
 use crate::config::{self, ServerConfig};
 use crate::errors::{require_superuser, Failure, OrRaise};
+use crate::servers;
 use crate::vault::{split_segments, KvPath, Secret, VaultClient, VaultError};
 
 /// Configures this server's Vault access. Superuser only.
@@ -20,16 +21,41 @@ fn configure(
     wrapped_token: &str,
     secrets_path: &str,
     secrets_mount: default!(&str, "'secret'"),
+    server_name: default!(Option<&str>, "NULL"),
 ) {
     require_superuser("vault_redirect.configure");
-    let config = run(url, role_id, wrapped_token, secrets_path, secrets_mount).or_raise();
+    let server_name = server_name
+        .map(str::to_owned)
+        .unwrap_or_else(servers::default_server_name);
+    let config = run(
+        url,
+        role_id,
+        wrapped_token,
+        secrets_path,
+        secrets_mount,
+        &server_name,
+    )
+    .or_raise();
     backend::forget_session();
     pgrx::log!(
-        "vault_redirect: configured for {} with KV mount \"{}\" and secrets path \"{}\"",
+        "vault_redirect: server \"{}\" configured for {} with KV mount \"{}\" and secrets path \"{}\"",
+        config.server_name,
         config.url,
         config.secrets_mount,
         config.secrets_path
     );
+    servers::mark_reminded();
+    match servers::integration() {
+        Ok(integration) => {
+            if let Some(reminder) = integration.reminder() {
+                pgrx::warning!("{reminder}");
+            }
+        }
+        Err(failure) => pgrx::warning!(
+            "vault_redirect: could not check the other servers: {}",
+            failure.message
+        ),
+    }
 }
 
 fn run(
@@ -38,7 +64,9 @@ fn run(
     wrapped_token: &str,
     secrets_path: &str,
     secrets_mount: &str,
+    server_name: &str,
 ) -> Result<ServerConfig, Failure> {
+    servers::check_server_name(server_name)?;
     let url = backend::parse_url(url)?
         .as_str()
         .trim_end_matches('/')
@@ -67,6 +95,8 @@ fn run(
         secret_id: Secret::new(""),
         secrets_mount,
         secrets_path,
+        server_name: server_name.to_owned(),
+        data_dir_id: config::data_dir_id(&backend::data_dir())?,
         configured_at: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -92,6 +122,8 @@ fn run(
         )
     })?;
     probe(&mut client)?;
+    servers::register(&mut client, &config)
+        .map_err(|f| f.context("registering this server failed"))?;
 
     config::save(&backend::config_path(), &config)?;
     Ok(config)

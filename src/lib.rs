@@ -14,6 +14,7 @@ mod read;
 mod reference;
 mod resolve;
 mod rows;
+mod servers;
 mod status;
 mod unmigrate;
 mod vault;

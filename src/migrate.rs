@@ -12,6 +12,7 @@ use crate::errors::{require_superuser, Failure, OrRaise};
 use crate::reference;
 use crate::resolve::foreign_reference;
 use crate::rows::ColumnScan;
+use crate::servers;
 use crate::vault::{KvPath, VaultError};
 
 /// Key of the advisory lock that lets one migration run at a time.
@@ -33,7 +34,13 @@ fn migrate(
         name!(null_values, i64),
     ),
 > {
-    let declarations = begin_bulk("vault_redirect.migrate");
+    require_superuser("vault_redirect.migrate");
+    servers::mark_reminded();
+    lock_migration();
+    let declarations = declare::load_declarations(None).or_raise();
+    if !dry_run {
+        check_preconditions(&declarations).or_raise();
+    }
     if declarations.is_empty() {
         Failure::new(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -71,13 +78,33 @@ fn migrate(
 /// lock held to the end of the transaction), and declared columns.
 pub fn begin_bulk(function: &str) -> Vec<Declaration> {
     require_superuser(function);
+    crate::servers::mark_reminded();
     backend::current_config()
         .and_then(|c| c.ok_or_else(Failure::not_configured))
         .or_raise();
+    lock_migration();
+    declare::load_declarations(None).or_raise()
+}
+
+fn lock_migration() {
     Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[LOCK_KEY.into()])
         .map_err(Failure::from)
         .or_raise();
-    declare::load_declarations(None).or_raise()
+}
+
+/// Checks, in this order, that the secrets are not migrated yet, that this
+/// server and every other expected server are configured, and that this
+/// server can log in to Vault. Each failure has its own SQLSTATE.
+fn check_preconditions(declarations: &[Declaration]) -> Result<(), Failure> {
+    if !declarations.is_empty() && servers::all_migrated()? {
+        return Err(Failure::new(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            "the secrets are already migrated to Vault",
+        )
+        .hint("vault_redirect.verify() checks every reference; vault_redirect.unmigrate() moves the secrets back."));
+    }
+    servers::check_all_configured()?;
+    backend::with_client(|client, _| Ok(client.login()?))
 }
 
 #[derive(Default)]
@@ -153,6 +180,13 @@ fn plan(is_json: bool, value: &str, expected: &str, row: &str) -> Result<Plan, F
             reference::text_reference(expected),
         )
     };
+    if expected.starts_with("_vault_redirect/") {
+        return Err(Failure::new(
+            PgSqlErrorCode::ERRCODE_RESERVED_NAME,
+            format!("{row}: the path \"{expected}\" is in the folder vault_redirect keeps its server markers in"),
+        )
+        .hint("Rename the row's path; \"_vault_redirect/\" under the secrets path is reserved."));
+    }
     let path = KvPath::parse(expected).map_err(|e| {
         Failure::from(e)
             .context(row)

@@ -10,6 +10,7 @@ use crate::vault::{KvEntry, KvPath};
 
 /// Reads the latest version of the entry at `path` under the secrets path.
 pub fn fetch(path: &str) -> Result<KvEntry, Failure> {
+    crate::servers::remind_once();
     let path = KvPath::parse(path)?;
     backend::with_client(|client, _| Ok(client.kv_read(&path)?))
 }

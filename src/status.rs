@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 
 use crate::backend;
 use crate::errors::{Failure, OrRaise};
+use crate::servers;
 
 /// What the health probe found.
 #[derive(Default)]
@@ -21,11 +22,15 @@ struct Health {
 
 /// Reports the configuration of this server and the state of Vault.
 #[allow(clippy::type_complexity)] // pgrx needs the row type spelled out here
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn status() -> TableIterator<
     'static,
     (
         name!(configured, bool),
+        name!(server_name, Option<String>),
+        name!(integration, String),
+        name!(missing_servers, Vec<String>),
         name!(url, Option<String>),
         name!(secrets_mount, Option<String>),
         name!(secrets_path, Option<String>),
@@ -64,12 +69,35 @@ fn status() -> TableIterator<
         ),
     };
     let configured = config.is_some();
-    let (url, mount, path) = match config {
-        Some(c) => (Some(c.url), Some(c.secrets_mount), Some(c.secrets_path)),
-        None => (None, None, None),
+    let (integration, missing) = match (configured, health.reachable) {
+        (false, _) => ("not_configured".to_owned(), Vec::new()),
+        (true, false) => ("unknown".to_owned(), Vec::new()),
+        (true, true) => match servers::integration() {
+            Ok(found) => (found.state.to_owned(), found.missing.clone()),
+            Err(failure) => {
+                backend::record_error(&failure.message);
+                ("unknown".to_owned(), Vec::new())
+            }
+        },
+    };
+    if let Some(reminder) = servers::reminder(&integration, &missing) {
+        pgrx::warning!("{reminder}");
+    }
+    servers::mark_reminded();
+    let (server_name, url, mount, path) = match config {
+        Some(c) => (
+            Some(c.server_name),
+            Some(c.url),
+            Some(c.secrets_mount),
+            Some(c.secrets_path),
+        ),
+        None => (None, None, None, None),
     };
     TableIterator::new(vec![(
         configured,
+        server_name,
+        integration,
+        missing,
         url,
         mount,
         path,

@@ -88,8 +88,13 @@ fn configure_with_wrapped_token() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "configuration file mode");
 
-    // The probe entry is gone once configure returns.
-    assert!(stack.bao.kv_list("secret", "maas").is_empty());
+    // The probe entry is gone once configure returns; the server's marker
+    // is the only entry left.
+    assert_eq!(stack.bao.kv_list("secret", "maas"), ["_vault_redirect/"]);
+    assert!(stack
+        .bao
+        .kv_get("secret", "maas/_vault_redirect/servers/pg-test")
+        .is_some());
 }
 
 #[test]
@@ -335,10 +340,32 @@ fn second_migrate_changes_nothing() {
     let version_before =
         stack.bao.kv_metadata("secret", "maas/global/tls").unwrap()["current_version"].clone();
 
+    let error = stack
+        .superuser()
+        .query("SELECT * FROM vault_redirect.migrate()", &[])
+        .expect_err("a second migrate is refused");
+    assert_eq!(
+        db_error(&error).code().code(),
+        "42710",
+        "{}",
+        describe(&error)
+    );
+    assert_eq!(stack.pg.psql(checksum), before);
+    let version_after =
+        stack.bao.kv_metadata("secret", "maas/global/tls").unwrap()["current_version"].clone();
+    assert_eq!(version_after, version_before);
+
+    // A column declared later is migrated while the others are skipped.
+    stack.pg.psql(
+        "CREATE TABLE late (id int PRIMARY KEY, token text);
+         INSERT INTO late VALUES (1, 'late-secret');
+         SELECT vault_redirect.declare_column('late', 'token');",
+    );
     let summary = migrate(&stack);
     assert_eq!(
         summary,
         vec![
+            ("public.late".into(), "token".into(), 1, 0, 0),
             (
                 "public.maasserver_bmc".into(),
                 "power_parameters".into(),
@@ -350,9 +377,6 @@ fn second_migrate_changes_nothing() {
         ]
     );
     assert_eq!(stack.pg.psql(checksum), before);
-    let version_after =
-        stack.bao.kv_metadata("secret", "maas/global/tls").unwrap()["current_version"].clone();
-    assert_eq!(version_after, version_before);
 }
 
 #[test]

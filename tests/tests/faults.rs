@@ -121,10 +121,16 @@ fn kill_backend_mid_migration() {
         "{error}"
     );
 
-    // The postmaster restarts every backend after the crash.
+    // The postmaster restarts every backend after the crash; the log says
+    // "ready to accept connections" once more when it is done.
     let mut recovered = false;
-    for _ in 0..100 {
-        if stack.pg.try_psql("SELECT 1;").is_ok() {
+    for _ in 0..150 {
+        let ready = stack
+            .pg
+            .log_contents()
+            .matches("ready to accept connections")
+            .count();
+        if ready >= 2 && stack.pg.try_psql("SELECT 1;").is_ok() {
             recovered = true;
             break;
         }
