@@ -201,7 +201,7 @@ pub fn find_table(table_name: &str) -> Result<Table, Failure> {
 /// has no such column.
 pub fn column_type(table: &Table, column: &str) -> Result<String, Failure> {
     // An aggregate returns one row even when the column is missing.
-    let found = Spi::get_one_with_args::<String>(
+    let found = crate::query::select_value::<String>(
         "SELECT max(a.atttypid::regtype::text)
            FROM pg_catalog.pg_attribute a
           WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",

@@ -152,11 +152,8 @@ pub fn reminder(state: &str, missing: &[String]) -> Option<String> {
 
 /// Reports whether every declared column is migrated.
 pub fn all_migrated() -> Result<bool, Failure> {
-    let (declared, migrated) = Spi::get_two::<i64, i64>(
-        "SELECT count(*), count(migrated_at) FROM vault_redirect.secret_columns",
-    )?;
-    let declared = declared.unwrap_or(0);
-    Ok(declared > 0 && migrated.unwrap_or(0) == declared)
+    let (declared, migrated) = crate::query::declared_columns()?;
+    Ok(declared > 0 && migrated == declared)
 }
 
 /// Works out the integration state. Needs Vault when this server is

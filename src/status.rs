@@ -46,13 +46,8 @@ fn status() -> TableIterator<
         name!(error, Option<String>),
     ),
 > {
-    let (declared, migrated) = Spi::get_two::<i64, i64>(
-        "SELECT count(*), count(migrated_at) FROM vault_redirect.secret_columns",
-    )
-    .map_err(Failure::from)
-    .or_raise();
-    let declared = declared.unwrap_or(0);
-    let migrated = declared > 0 && migrated.unwrap_or(0) == declared;
+    let (declared, migrated) = crate::query::declared_columns().or_raise();
+    let migrated = declared > 0 && migrated == declared;
 
     let (config, health) = match backend::current_config() {
         Ok(Some(config)) => {

@@ -87,6 +87,40 @@ impl Pg {
         pg
     }
 
+    /// Starts a hot standby of this cluster: a base backup taken with
+    /// `pg_basebackup -R`, streaming from this server under `cluster_name`,
+    /// which is also the application_name the primary sees.
+    pub fn start_standby(&self, cluster_name: &str) -> Pg {
+        let dir = tempfile::Builder::new()
+            .prefix("pg-standby-")
+            .tempdir_in(run_dir())
+            .expect("failed to create the standby scratch folder");
+        chown_to_postgres(dir.path());
+        let standby = Pg {
+            dir,
+            port: reserve_consecutive_ports(1),
+        };
+        run_checked(
+            postgres_command("pg_basebackup")
+                .args(["-h", "127.0.0.1", "-U", "postgres", "-R", "-X", "stream"])
+                .args(["--checkpoint=fast", "--no-sync"])
+                .arg("-p")
+                .arg(self.port.to_string())
+                .arg("-D")
+                .arg(standby.data_dir()),
+            "pg_basebackup of the primary",
+        );
+        standby.append_conf(&format!(
+            "\n# Set by the test harness for this standby.\nport = {}\nunix_socket_directories = '{}'\ncluster_name = '{cluster_name}'\n",
+            standby.port,
+            standby.data_dir().display()
+        ));
+        if let Err(message) = standby.try_start_server() {
+            panic!("{message}");
+        }
+        standby
+    }
+
     /// Returns the TCP port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port

@@ -27,7 +27,7 @@ fn dry_run_touches_nothing() {
     let moved: Vec<i64> = rows.iter().map(|r| r.get(2)).collect();
     assert_eq!(moved, [3, 11]);
     assert_eq!(stack.pg.psql(CHECKSUM), before);
-    assert!(stack.bao.kv_list("secret", "maas").is_empty());
+    assert_eq!(stack.bao.kv_list("secret", "maas"), ["_vault_redirect/"]);
     let migrated: bool = run(&stack, "SELECT migrated FROM vault_redirect.status()")[0].get(0);
     assert!(!migrated);
 }
