@@ -10,6 +10,7 @@ mod declare;
 mod errors;
 mod gucs;
 mod migrate;
+mod progress;
 mod query;
 mod read;
 mod reference;

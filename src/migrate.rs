@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use crate::backend;
 use crate::declare::{self, Declaration};
 use crate::errors::{require_superuser, Failure, OrRaise};
+use crate::progress::Progress;
 use crate::reference;
 use crate::resolve::foreign_reference;
 use crate::rows::ColumnScan;
@@ -16,7 +17,7 @@ use crate::servers;
 use crate::vault::{KvPath, VaultError};
 
 /// Key of the advisory lock that lets one migration run at a time.
-const LOCK_KEY: i64 = 0x7661_756c_745f_7264; // "vault_rd"
+pub const LOCK_KEY: i64 = 0x7661_756c_745f_7264; // "vault_rd"
 
 /// Moves every plaintext value of every declared column into Vault, and
 /// returns one row of counts per column. With `dry_run`, only counts what
@@ -130,7 +131,18 @@ fn migrate_column(declaration: &Declaration, dry_run: bool) -> Result<Counts, Fa
         scan.lock()?;
     }
     let mut counts = Counts::default();
+    let mut progress = match dry_run {
+        true => None,
+        false => Some(Progress::start(
+            declaration.display_table(),
+            declaration.column_name.clone(),
+            scan.count_rows()?,
+        )),
+    };
     scan.for_each(|client, row| {
+        if let Some(progress) = progress.as_mut() {
+            progress.row_done();
+        }
         let Some(value) = &row.value else {
             counts.nulls += 1;
             return Ok(());
@@ -152,7 +164,8 @@ fn migrate_column(declaration: &Declaration, dry_run: bool) -> Result<Counts, Fa
         counts.migrated += 1;
         Ok(())
     })?;
-    if !dry_run {
+    if let Some(progress) = progress {
+        progress.finish();
         scan.set_migrated(true)?;
     }
     Ok(counts)

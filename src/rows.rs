@@ -54,6 +54,15 @@ impl<'a> ColumnScan<'a> {
         Ok(())
     }
 
+    /// Returns the number of rows in the table.
+    pub fn count_rows(&self) -> Result<i64, Failure> {
+        Ok(crate::query::select_value::<i64>(
+            &format!("SELECT count(*) FROM {}", self.qualified),
+            &[],
+        )?
+        .unwrap_or(0))
+    }
+
     /// Calls `visit` for every row, fetching them in batches.
     pub fn for_each(
         &self,

@@ -140,3 +140,123 @@ fn kill_backend_mid_migration() {
     assert_eq!(stack.pg.psql(CHECKSUM), before);
     assert_rerun_completes(&stack);
 }
+
+#[test]
+fn progress_visible_from_other_session() {
+    let stack = Stack::configured(&[]);
+    big_table(&stack);
+    let mut watcher = stack.superuser();
+    let mut seen_running = None;
+    thread::scope(|scope| {
+        let migration = scope.spawn(|| {
+            stack
+                .superuser()
+                .query("SELECT * FROM vault_redirect.migrate()", &[])
+                .map(|_| ())
+                .map_err(|e| describe(&e))
+        });
+        while !migration.is_finished() {
+            let rows = watcher
+                .query(
+                    "SELECT running, rows_done, rows_total FROM vault_redirect.migration_progress()",
+                    &[],
+                )
+                .unwrap_or_else(|e| panic!("{}", describe(&e)));
+            if let Some(row) = rows.first() {
+                let (running, done, total): (bool, i64, i64) = (row.get(0), row.get(1), row.get(2));
+                if running && done > 0 {
+                    seen_running = Some((done, total));
+                }
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        migration.join().unwrap().unwrap();
+    });
+    let (done, total) = seen_running.expect("another session saw the migration running");
+    assert_eq!(total, i64::from(ROWS));
+    assert!(done > 0 && done <= total);
+
+    let row = watcher
+        .query_one(
+            "SELECT running, rows_done, rows_total FROM vault_redirect.migration_progress()",
+            &[],
+        )
+        .unwrap();
+    assert!(!row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, i64>(1), i64::from(ROWS));
+}
+
+#[test]
+fn openbao_killed_mid_migration() {
+    let bao = vault_redirect_tests::Bao::start_persistent();
+    let mut stack = Stack::configured_on(bao, &[]);
+    big_table(&stack);
+    let before = stack.pg.psql(CHECKSUM);
+    let error = {
+        let bao = &mut stack.bao;
+        let mut client = stack.pg.connect("postgres");
+        thread::scope(|scope| {
+            let migration =
+                scope.spawn(move || client.query("SELECT * FROM vault_redirect.migrate()", &[]));
+            thread::sleep(Duration::from_millis(800));
+            bao.stop();
+            migration
+                .join()
+                .unwrap()
+                .expect_err("a stopped Vault stops the migration")
+        })
+    };
+    assert_eq!(
+        db_error(&error).code().code(),
+        "08001",
+        "{}",
+        describe(&error)
+    );
+    assert_eq!(stack.pg.psql(CHECKSUM), before);
+
+    stack.bao.restart();
+    assert_rerun_completes(&stack);
+}
+
+#[test]
+fn seal_mid_unmigrate() {
+    let stack = Stack::configured(&[]);
+    big_table(&stack);
+    stack
+        .superuser()
+        .query("SELECT * FROM vault_redirect.migrate()", &[])
+        .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    let migrated = stack.pg.psql(CHECKSUM);
+    let mut client = stack.superuser();
+    let error = thread::scope(|scope| {
+        scope.spawn(|| {
+            thread::sleep(Duration::from_millis(600));
+            stack.bao.seal();
+        });
+        client
+            .query("SELECT * FROM vault_redirect.unmigrate()", &[])
+            .expect_err("sealing stops unmigrate")
+    });
+    assert_eq!(
+        db_error(&error).code().code(),
+        "57P03",
+        "{}",
+        describe(&error)
+    );
+    assert_eq!(stack.pg.psql(CHECKSUM), migrated);
+
+    stack.bao.unseal();
+    let restored: i64 = client
+        .query_one("SELECT restored FROM vault_redirect.unmigrate()", &[])
+        .unwrap_or_else(|e| panic!("{}", describe(&e)))
+        .get(0);
+    assert_eq!(restored, i64::from(ROWS));
+    let references: i64 = client
+        .query_one(
+            "SELECT count(*) FROM big_secret WHERE value ? '$vault_redirect'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(references, 0);
+}
