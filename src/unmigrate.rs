@@ -5,6 +5,7 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use serde_json::Value;
 
+use crate::backend;
 use crate::declare::{self, Declaration};
 use crate::errors::{require_superuser, Failure, OrRaise};
 use crate::migrate::begin_bulk;
@@ -194,4 +195,99 @@ fn same_value(is_json: bool, stored: Option<&str>, expected: &str) -> bool {
     }
     let parse = |text: &str| serde_json::from_str::<Value>(text).ok();
     parse(stored).is_some() && parse(stored) == parse(expected)
+}
+
+/// Deletes the KV entries that unmigrate() left behind: for each row of a
+/// column that is not migrated, the entry at the row's path, when it holds
+/// exactly what migrating the row would write. An entry with other data is
+/// kept and counted. With `dry_run`, the default, only counts. Superuser
+/// only.
+#[pg_extern(volatile, parallel_unsafe)]
+fn delete_vault_entries(
+    dry_run: default!(bool, true),
+) -> TableIterator<
+    'static,
+    (
+        name!(table_name, String),
+        name!(column_name, String),
+        name!(deleted, i64),
+        name!(kept_different, i64),
+        name!(absent, i64),
+    ),
+> {
+    let mut summary = Vec::new();
+    for declaration in begin_bulk("vault_redirect.delete_vault_entries") {
+        let migrated = crate::query::select_value::<bool>(
+            "SELECT migrated_at IS NOT NULL FROM vault_redirect.secret_columns
+              WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
+            &[
+                declaration.table_schema.as_str().into(),
+                declaration.table_name.as_str().into(),
+                declaration.column_name.as_str().into(),
+            ],
+        )
+        .or_raise()
+        .unwrap_or(false);
+        if migrated {
+            Failure::new(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "{}.{} is migrated: its rows refer to the entries",
+                    declaration.display_table(),
+                    declaration.column_name
+                ),
+            )
+            .hint("Run vault_redirect.unmigrate() first.")
+            .raise();
+        }
+        let counts = delete_column_entries(&declaration, dry_run).or_raise();
+        summary.push((
+            declaration.display_table(),
+            declaration.column_name.clone(),
+            counts.0,
+            counts.1,
+            counts.2,
+        ));
+    }
+    TableIterator::new(summary)
+}
+
+fn delete_column_entries(
+    declaration: &Declaration,
+    dry_run: bool,
+) -> Result<(i64, i64, i64), Failure> {
+    let scan = ColumnScan::new(declaration)?;
+    scan.lock()?;
+    let (mut deleted, mut kept, mut absent) = (0, 0, 0);
+    scan.for_each(|_, row| {
+        let Some(value) = &row.value else {
+            return Ok(());
+        };
+        if reference_of(&scan, &row)?.is_some() {
+            return Ok(());
+        }
+        let expected = if scan.is_json {
+            let parsed: Value = serde_json::from_str(value).unwrap_or(Value::Null);
+            reference::json_to_kv(parsed).0
+        } else {
+            reference::text_to_kv(value)
+        };
+        let path = crate::vault::KvPath::parse(&row.path)
+            .map_err(|e| Failure::from(e).context(&row.label))?;
+        backend::with_client(|client, _| {
+            match client.kv_read(&path) {
+                Err(crate::vault::VaultError::NotFound { .. }) => absent += 1,
+                Err(e) => return Err(Failure::from(e).context(&row.label)),
+                Ok(entry) if entry.data != expected => kept += 1,
+                Ok(_) => {
+                    if !dry_run {
+                        client.kv_delete_all(&path)?;
+                    }
+                    deleted += 1;
+                }
+            }
+            Ok(())
+        })
+    })?;
+    Ok((deleted, kept, absent))
 }

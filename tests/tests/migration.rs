@@ -171,3 +171,54 @@ fn unmigrate_dangling_changes_nothing() {
     assert!(db.message().contains("node/7/deploy-metadata"));
     assert_eq!(stack.pg.psql(CHECKSUM), migrated);
 }
+
+#[test]
+fn delete_entries_after_unmigrate() {
+    let stack = Stack::configured(&[]);
+    stack.load_maas_schema();
+    run(&stack, "SELECT * FROM vault_redirect.migrate()");
+
+    let error = stack
+        .superuser()
+        .query(
+            "SELECT * FROM vault_redirect.delete_vault_entries(dry_run => false)",
+            &[],
+        )
+        .expect_err("entries of migrated columns are still referenced");
+    assert_eq!(
+        db_error(&error).code().code(),
+        "55000",
+        "{}",
+        describe(&error)
+    );
+
+    run(&stack, "SELECT * FROM vault_redirect.unmigrate()");
+    let plaintext = stack.pg.psql(CHECKSUM);
+    let counts = |rows: Vec<postgres::Row>| -> Vec<(i64, i64, i64)> {
+        rows.iter()
+            .map(|r| (r.get(2), r.get(3), r.get(4)))
+            .collect()
+    };
+
+    // The default is a dry run.
+    let planned = counts(run(
+        &stack,
+        "SELECT * FROM vault_redirect.delete_vault_entries()",
+    ));
+    assert_eq!(planned, [(3, 0, 0), (11, 0, 0)]);
+    assert!(stack.kv_get("global/tls").is_some());
+
+    // An entry changed in Vault since is kept.
+    stack.kv_put("global/rpc-shared", &json!({"secret": "changed-in-vault"}));
+    let done = counts(run(
+        &stack,
+        "SELECT * FROM vault_redirect.delete_vault_entries(dry_run => false)",
+    ));
+    assert_eq!(done, [(3, 0, 0), (10, 1, 0)]);
+    assert!(stack.kv_get("global/tls").is_none());
+    assert_eq!(
+        stack.kv_get("global/rpc-shared"),
+        Some(json!({"secret": "changed-in-vault"}))
+    );
+    assert_eq!(stack.pg.psql(CHECKSUM), plaintext);
+}
