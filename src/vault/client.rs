@@ -388,8 +388,10 @@ impl VaultClient {
             let Some((why, retry_after)) = reason else {
                 return result;
             };
-            let delay = retry_after
-                .unwrap_or_else(|| (FIRST_BACKOFF * 2u32.saturating_pow(attempt)).min(MAX_BACKOFF));
+            // OpenBao sends `Retry-After: 0` with every 429, so the backoff is
+            // a floor under what the server asks for.
+            let backoff = (FIRST_BACKOFF * 2u32.saturating_pow(attempt)).min(MAX_BACKOFF);
+            let delay = retry_after.map_or(backoff, |asked| asked.max(backoff));
             if attempt >= self.retry.max_retries || waited + delay > self.retry.max_wait {
                 return result;
             }
