@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 
 use crate::backend;
 use crate::config::{self, ServerConfig};
-use crate::errors::{require_superuser, Failure, OrRaise};
+use crate::errors::{log_without_statement, require_superuser, Failure, OrRaise};
 use crate::servers;
 use crate::vault::{split_segments, KvPath, Secret, VaultClient, VaultError};
 
@@ -37,13 +37,10 @@ fn configure(
     )
     .or_raise();
     backend::forget_session();
-    pgrx::log!(
+    log_without_statement(&format!(
         "vault_redirect: server \"{}\" configured for {} with KV mount \"{}\" and secrets path \"{}\"",
-        config.server_name,
-        config.url,
-        config.secrets_mount,
-        config.secrets_path
-    );
+        config.server_name, config.url, config.secrets_mount, config.secrets_path
+    ));
     servers::mark_reminded();
     match servers::integration() {
         Ok(integration) => {
@@ -196,6 +193,21 @@ fn check_probe(
     Ok(())
 }
 
+/// Describes a failed probe step. The policy line in the hint names the
+/// whole prefix (`.../*`) rather than the probe entry, and the detail says
+/// that the wrapped token is spent, since the probe runs after the unwrap.
 fn probe_failure(error: VaultError) -> Failure {
-    Failure::from(error).context("policy probe failed")
+    let mut failure = Failure::from(error).context("policy probe failed");
+    if let Some(hint) = failure.hint.take() {
+        let generic = hint
+            .split('"')
+            .map(|part| match part.rsplit_once("/vault_redirect-probe-") {
+                Some((prefix, _)) => format!("{prefix}/*"),
+                None => part.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\"");
+        failure = failure.hint(generic);
+    }
+    failure.detail("The wrapped token was used: ask for a new wrapped secret_id before you run vault_redirect.configure() again.")
 }

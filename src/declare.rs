@@ -10,6 +10,20 @@ use crate::vault::split_segments;
 
 const DEFAULT_VIEW_SCHEMA: &str = "vault_redirect_resolved";
 
+/// Key types whose text form does not depend on session settings, so that
+/// a row's KV path is the same in every session.
+const STABLE_KEY_TYPES: &[&str] = &[
+    "smallint",
+    "integer",
+    "bigint",
+    "numeric",
+    "text",
+    "character varying",
+    "character",
+    "uuid",
+    "boolean",
+];
+
 /// A table named by the caller, resolved to its schema and name.
 pub struct Table {
     pub oid: pg_sys::Oid,
@@ -132,6 +146,21 @@ fn declare_column(
         .hint("Add a primary key, or keep secrets in a key/value table and use declare_kv_table().")
         .raise();
     }
+    for key in &key_columns {
+        let key_type = self::column_type(&table, key).or_raise();
+        if !STABLE_KEY_TYPES.contains(&key_type.as_str()) {
+            Failure::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!(
+                    "primary key column \"{key}\" of {} has type {key_type}",
+                    table.display()
+                ),
+            )
+            .detail("KV paths are made from the key's text, and the text of this type depends on session settings such as TimeZone or DateStyle.")
+            .hint(format!("Key the table by one of: {}.", STABLE_KEY_TYPES.join(", ")))
+            .raise();
+        }
+    }
     if key_columns.iter().any(|k| k == column_name) {
         Failure::invalid_parameter("column_name", column_name, "it is part of the primary key")
             .hint("Declare a column that holds a secret, not one that identifies the row.")
@@ -140,6 +169,14 @@ fn declare_column(
     let prefix = path_prefix
         .map(|p| p.trim_end_matches('/').to_owned())
         .unwrap_or_else(|| format!("{}/{}", table.schema, table.name));
+    if prefix == "_vault_redirect" || prefix.starts_with("_vault_redirect/") {
+        Failure::new(
+            PgSqlErrorCode::ERRCODE_RESERVED_NAME,
+            format!("invalid path_prefix \"{prefix}\": \"_vault_redirect/\" is reserved"),
+        )
+        .hint("Choose a prefix outside \"_vault_redirect/\", which keeps the server markers.")
+        .raise();
+    }
     if let Err(e) = split_segments(&prefix) {
         Failure::invalid_parameter("path_prefix", &prefix, e.to_string())
             .hint("Give \"/\"-separated segments without a leading \"/\", empty, \".\" or \"..\" segment.")
@@ -263,6 +300,23 @@ fn record(declaration: &Declaration) -> Result<(), Failure> {
         )
         .hint("All secret columns of one table share one resolved view."));
     }
+    let clash = load_declarations(None)?.into_iter().find(|d| {
+        d.table_name == declaration.table_name
+            && d.view_schema == declaration.view_schema
+            && d.table_schema != declaration.table_schema
+    });
+    if let Some(other) = clash {
+        return Err(Failure::new(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_TABLE,
+            format!(
+                "the resolved view {}.{} already shows {}",
+                declaration.view_schema,
+                declaration.table_name,
+                other.display_table()
+            ),
+        )
+        .hint("Pass another view_schema for tables that share a name."));
+    }
     if let Some(same) = existing
         .iter()
         .find(|d| d.column_name == declaration.column_name)
@@ -375,7 +429,7 @@ fn rebuild_view(table: &Table) -> Result<(), Failure> {
         }
         Ok::<_, pgrx::spi::Error>(columns)
     })?;
-    let table_literal = quote_literal(table.display());
+    let table_oid = format!("{}::regclass::oid", quote_literal(table.qualified()));
     let select_list: Vec<String> = columns
         .iter()
         .map(|(name, type_name)| {
@@ -385,21 +439,20 @@ fn rebuild_view(table: &Table) -> Result<(), Failure> {
             };
             let expression = match declaration.path_column.as_deref() {
                 Some(path_column) => format!(
-                    "vault_redirect.resolve_kv({table_literal}, t.{}::text, {column})",
+                    "vault_redirect.resolve_kv({table_oid}, {}, t.{}::text, {column})",
+                    quote_literal(name),
                     quote_identifier(path_column)
                 ),
                 None => {
-                    let function = if type_name == "jsonb" {
-                        "resolve_column_jsonb"
+                    let (function, cast) = if type_name == "jsonb" {
+                        ("resolve_column_jsonb", "")
                     } else {
-                        "resolve_column_text"
+                        ("resolve_column_text", "::text")
                     };
                     format!(
-                        "vault_redirect.{function}({table_literal}, {}, {}, {}, {column}{})",
-                        quote_literal(&declaration.path_prefix),
-                        key_array("t", &declaration.key_columns),
+                        "vault_redirect.{function}({table_oid}, {}, {}, {column}{cast})",
                         quote_literal(name),
-                        if type_name == "jsonb" { "" } else { "::text" },
+                        key_array("t", &declaration.key_columns),
                     )
                 }
             };
@@ -418,6 +471,17 @@ fn rebuild_view(table: &Table) -> Result<(), Failure> {
     if schema_exists != Some(true) {
         Spi::run(&format!("CREATE SCHEMA {}", quote_identifier(view_schema)))?;
     }
+    // CREATE OR REPLACE keeps the view's grants but cannot rename or drop
+    // its columns, so a view whose columns no longer match is recreated.
+    let existing = crate::query::select_value::<Vec<String>>(
+        "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_catalog.pg_attribute
+          WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+        &[view.as_str().into()],
+    )?;
+    let wanted: Vec<String> = columns.iter().map(|(name, _)| name.clone()).collect();
+    if existing.is_some_and(|names| names != wanted) {
+        Spi::run(&format!("DROP VIEW {view}"))?;
+    }
     Spi::run(&format!(
         "CREATE OR REPLACE VIEW {view} WITH (security_invoker = true) AS\n SELECT {}\n   FROM {} t",
         select_list.join(",\n        "),
@@ -431,4 +495,70 @@ fn rebuild_view(table: &Table) -> Result<(), Failure> {
         ))
     ))?;
     Ok(())
+}
+
+/// Removes a declaration, for a column that was dropped or renamed, or one
+/// that should no longer be treated as secret. A column that still holds
+/// references is refused: run unmigrate() first. Rebuilds the table's view,
+/// or drops it when no declared column is left. Superuser only.
+#[pg_extern(volatile, parallel_unsafe)]
+fn undeclare(table_schema: &str, table_name: &str, column_name: &str) {
+    require_superuser("vault_redirect.undeclare");
+    let declaration = load_declarations(Some((table_schema, table_name)))
+        .or_raise()
+        .into_iter()
+        .find(|d| d.column_name == column_name)
+        .unwrap_or_else(|| {
+            Failure::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("column \"{column_name}\" of {table_schema}.{table_name} is not declared"),
+            )
+            .hint("See vault_redirect.secret_columns for what is declared.")
+            .raise()
+        });
+    let table = find_table(&declaration.qualified_table()).ok();
+    let column_exists = table
+        .as_ref()
+        .is_some_and(|t| column_type(t, column_name).is_ok());
+    if column_exists {
+        let references = crate::query::select_value::<bool>(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM {} t WHERE t.{col}::text LIKE '%$vault_redirect%')",
+                declaration.qualified_table(),
+                col = quote_identifier(column_name)
+            ),
+            &[],
+        )
+        .or_raise()
+        .unwrap_or(false);
+        if references {
+            Failure::new(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "column \"{column_name}\" of {} still holds references to Vault",
+                    declaration.display_table()
+                ),
+            )
+            .hint("Run vault_redirect.unmigrate() first, so that the secrets are back in the rows.")
+            .raise();
+        }
+    }
+    Spi::run_with_args(
+        "DELETE FROM vault_redirect.secret_columns
+          WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
+        &[table_schema.into(), table_name.into(), column_name.into()],
+    )
+    .map_err(Failure::from)
+    .or_raise();
+    let remaining = load_declarations(Some((table_schema, table_name))).or_raise();
+    match (&table, remaining.is_empty()) {
+        (Some(table), false) => rebuild_view(table).or_raise(),
+        _ => Spi::run(&format!(
+            "DROP VIEW IF EXISTS {}.{}",
+            quote_identifier(&declaration.view_schema),
+            quote_identifier(table_name)
+        ))
+        .map_err(Failure::from)
+        .or_raise(),
+    }
 }

@@ -192,6 +192,10 @@ impl From<VaultError> for Failure {
                 ERRCODE_SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
                 "Configure the address of the active node or of a load balancer; redirects are not followed so that the token never goes to another host.".into(),
             ),
+            VaultError::Status { status: 413, .. } => (
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                "The value is larger than Vault accepts in one request (max_request_size, 32 MiB by default; Raft storage also limits an entry to about 1 MiB unless max_entry_size is raised).".into(),
+            ),
             VaultError::Status { .. } => (
                 ERRCODE_SYSTEM_ERROR,
                 "Check the Vault server's log for this request.".into(),
@@ -230,5 +234,36 @@ pub fn require_superuser(function: &str) {
         )
         .hint("Only a superuser may call it.")
         .raise();
+    }
+}
+
+/// Writes a LOG line to the server log without the statement that caused
+/// it. PostgreSQL adds the statement to LOG lines under the default
+/// `log_min_error_statement`, and configure()'s statement carries the
+/// role_id and the wrapping token.
+pub fn log_without_statement(message: &str) {
+    extern "C-unwind" {
+        fn errstart(elevel: std::os::raw::c_int, domain: *const std::os::raw::c_char) -> bool;
+        fn errfinish(
+            filename: *const std::os::raw::c_char,
+            lineno: std::os::raw::c_int,
+            funcname: *const std::os::raw::c_char,
+        );
+    }
+    let Ok(text) = std::ffi::CString::new(message.replace('\0', "")) else {
+        return;
+    };
+    // SAFETY: the errstart/errmsg/errfinish sequence of ereport(LOG, ...);
+    // at LOG level errfinish returns, and the format string is a literal.
+    unsafe {
+        if errstart(pg_sys::LOG as _, std::ptr::null()) {
+            pg_sys::errmsg_internal(c"%s".as_ptr(), text.as_ptr());
+            pg_sys::errhidestmt(true);
+            errfinish(
+                c"vault_redirect".as_ptr(),
+                0,
+                c"log_without_statement".as_ptr(),
+            );
+        }
     }
 }

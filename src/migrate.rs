@@ -11,7 +11,6 @@ use crate::declare::{self, Declaration};
 use crate::errors::{require_superuser, Failure, OrRaise};
 use crate::progress::Progress;
 use crate::reference;
-use crate::resolve::foreign_reference;
 use crate::rows::ColumnScan;
 use crate::servers;
 use crate::vault::{KvPath, VaultError};
@@ -97,7 +96,7 @@ fn lock_migration() {
 /// server and every other expected server are configured, and that this
 /// server can log in to Vault. Each failure has its own SQLSTATE.
 fn check_preconditions(declarations: &[Declaration]) -> Result<(), Failure> {
-    if !declarations.is_empty() && servers::all_migrated()? {
+    if !declarations.is_empty() && servers::all_migrated()? && !plaintext_left(declarations)? {
         return Err(Failure::new(
             PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
             "the secrets are already migrated to Vault",
@@ -106,6 +105,17 @@ fn check_preconditions(declarations: &[Declaration]) -> Result<(), Failure> {
     }
     servers::check_all_configured()?;
     backend::with_client(|client, _| Ok(client.login()?))
+}
+
+/// Reports whether a migrated column holds plaintext again, written after
+/// the migration; migrate() then runs again to move it.
+fn plaintext_left(declarations: &[Declaration]) -> Result<bool, Failure> {
+    for declaration in declarations {
+        if migrate_column(declaration, true)?.migrated > 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 #[derive(Default)]
@@ -157,6 +167,21 @@ fn migrate_column(declaration: &Declaration, dry_run: bool) -> Result<Counts, Fa
             counts.already += 1;
             return Ok(());
         };
+        if let Some(max) = scan.max_chars {
+            let length = reference.chars().count();
+            if length > max {
+                return Err(Failure::new(
+                    PgSqlErrorCode::ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
+                    format!(
+                        "{}: the reference \"{reference}\" has {length} characters, but {}.{} takes at most {max}",
+                        row.label,
+                        declaration.display_table(),
+                        declaration.column_name
+                    ),
+                )
+                .hint("Widen the column (ALTER TABLE ... ALTER COLUMN ... TYPE varchar(N) or text), or declare it with a shorter path_prefix."));
+            }
+        }
         if !dry_run {
             store(&path, &data).map_err(|f| f.context(&row.label))?;
             scan.update(client, &row.ctid, &reference)?;
@@ -179,14 +204,15 @@ fn plan(is_json: bool, value: &str, expected: &str, row: &str) -> Result<Plan, F
                 format!("{row}: the jsonb value could not be read: {e}"),
             )
         })?;
-        if let Some((target, _)) = reference::parse_json(&parsed) {
-            return own_reference(&target, expected, row);
+        // A value shaped like a reference to another path is plaintext.
+        if matches!(reference::parse_json(&parsed), Some((target, _)) if target == expected) {
+            return Ok(Plan::Skip);
         }
         let (data, key) = reference::json_to_kv(parsed);
         (data, reference::json_reference(expected, key).to_string())
     } else {
-        if let Some(target) = value.strip_prefix(reference::TEXT_PREFIX) {
-            return own_reference(target, expected, row);
+        if value.strip_prefix(reference::TEXT_PREFIX) == Some(expected) {
+            return Ok(Plan::Skip);
         }
         (
             reference::text_to_kv(value),
@@ -210,14 +236,6 @@ fn plan(is_json: bool, value: &str, expected: &str, row: &str) -> Result<Plan, F
         data,
         reference,
     })
-}
-
-fn own_reference(target: &str, expected: &str, row: &str) -> Result<Plan, Failure> {
-    if target == expected {
-        Ok(Plan::Skip)
-    } else {
-        Err(foreign_reference(target, expected, row))
-    }
 }
 
 /// Writes one value with check-and-set, reads it back and checks it came

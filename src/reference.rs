@@ -7,12 +7,11 @@
 //!   an array, kept under that key as MAAS does.
 //! - text column: `$vault_redirect:<path>`, the value under key `secret`.
 //!
-//! `<path>` is relative to the configured secrets path. A value resolves
-//! only when it is exactly the reference its own row would get. A value of
-//! reference shape that names another path, such as a reference copied
-//! from another row, is rejected with an error by both the views and
-//! migrate(), so it can neither reveal another row's secret nor be taken
-//! for plaintext.
+//! `<path>` is relative to the configured secrets path. A value is a
+//! reference only when it is exactly the reference its own row would get.
+//! Any other value, one shaped like a reference to another path included
+//! (a reference copied from another row, say), is plaintext: the views
+//! return it as it is and migrate() moves it to Vault like any other.
 
 use serde_json::{Map, Value};
 

@@ -1,61 +1,101 @@
-//! The functions the resolved views call for each row: they turn the row's
-//! own reference into the plaintext value read from Vault at that moment,
-//! and pass a value that was not migrated yet through unchanged.
+//! The functions the resolved views call for each row. Each turns the row's
+//! own reference into the value read from Vault at that moment, and passes
+//! any other value through unchanged.
+//!
+//! They can be executed by every role, because they resolve a reference only
+//! when (1) the table and column are declared, (2) the value is exactly the
+//! reference that row's key gives under the declaration, and (3) a row with
+//! that key and that value is visible to the calling role, with its table
+//! privileges, column privileges and row-level security applied.
 
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
+use pgrx::spi::quote_identifier;
 use pgrx::{JsonB, PgSqlErrorCode};
 use serde_json::Value;
 
+use crate::declare::{self, Declaration};
 use crate::errors::{Failure, OrRaise};
+use crate::query::select_value;
 use crate::read::fetch;
 use crate::reference;
 
-/// Resolves the value of a key/value table's row whose KV path is `path`.
+/// Resolves the value column of a declared key/value table.
 #[pg_extern(stable, parallel_unsafe, cost = 10000)]
-fn resolve_kv(table_name: &str, path: Option<&str>, value: Option<JsonB>) -> Option<JsonB> {
-    let JsonB(value) = value?;
-    let Some((target, key)) = reference::parse_json(&value) else {
-        return Some(JsonB(value));
-    };
-    let path = path.unwrap_or_default();
-    let row = format!("row with path \"{path}\" of {table_name}");
-    check_own(&target, path, &row);
-    Some(JsonB(resolve_json(&target, key.as_deref(), &row)))
-}
-
-/// Resolves a jsonb secret column of a wide table.
-#[pg_extern(stable, parallel_unsafe, cost = 10000)]
-fn resolve_column_jsonb(
-    table_name: &str,
-    path_prefix: &str,
-    key_values: Vec<Option<String>>,
+fn resolve_kv(
+    table_oid: pg_sys::Oid,
     column_name: &str,
+    path: Option<&str>,
     value: Option<JsonB>,
 ) -> Option<JsonB> {
     let JsonB(value) = value?;
     let Some((target, key)) = reference::parse_json(&value) else {
         return Some(JsonB(value));
     };
-    let (expected, row) = row_identity(table_name, path_prefix, &key_values, column_name);
-    check_own(&target, &expected, &row);
+    let path = path?;
+    let declaration = declared(table_oid, column_name).or_raise();
+    if target != path || declaration.path_column.is_none() {
+        return Some(JsonB(value));
+    }
+    let row = format!(
+        "row with path \"{path}\" of {}",
+        declaration.display_table()
+    );
+    check_visible(&declaration, &[path.to_owned()], &value.to_string(), true).or_raise();
     Some(JsonB(resolve_json(&target, key.as_deref(), &row)))
 }
 
-/// Resolves a text secret column of a wide table.
+/// Resolves a declared jsonb column of a wide table.
+#[pg_extern(stable, parallel_unsafe, cost = 10000)]
+fn resolve_column_jsonb(
+    table_oid: pg_sys::Oid,
+    column_name: &str,
+    key_values: Option<Vec<Option<String>>>,
+    value: Option<JsonB>,
+) -> Option<JsonB> {
+    let JsonB(value) = value?;
+    let Some((target, key)) = reference::parse_json(&value) else {
+        return Some(JsonB(value));
+    };
+    let declaration = declared(table_oid, column_name).or_raise();
+    let keys = key_values.unwrap_or_default();
+    let (expected, row) = row_identity(
+        &declaration.display_table(),
+        &declaration.path_prefix,
+        &keys,
+        column_name,
+    );
+    if target != expected || declaration.path_column.is_some() {
+        return Some(JsonB(value));
+    }
+    check_visible(&declaration, &flatten(&keys), &value.to_string(), true).or_raise();
+    Some(JsonB(resolve_json(&target, key.as_deref(), &row)))
+}
+
+/// Resolves a declared text column of a wide table.
 #[pg_extern(stable, parallel_unsafe, cost = 10000)]
 fn resolve_column_text(
-    table_name: &str,
-    path_prefix: &str,
-    key_values: Vec<Option<String>>,
+    table_oid: pg_sys::Oid,
     column_name: &str,
+    key_values: Option<Vec<Option<String>>>,
     value: Option<&str>,
 ) -> Option<String> {
     let value = value?;
     let Some(target) = value.strip_prefix(reference::TEXT_PREFIX) else {
         return Some(value.to_owned());
     };
-    let (expected, row) = row_identity(table_name, path_prefix, &key_values, column_name);
-    check_own(target, &expected, &row);
+    let declaration = declared(table_oid, column_name).or_raise();
+    let keys = key_values.unwrap_or_default();
+    let (expected, row) = row_identity(
+        &declaration.display_table(),
+        &declaration.path_prefix,
+        &keys,
+        column_name,
+    );
+    if target != expected || declaration.path_column.is_some() {
+        return Some(value.to_owned());
+    }
+    check_visible(&declaration, &flatten(&keys), value, false).or_raise();
     let entry = fetch(target).map_err(|f| f.context(&row)).or_raise();
     reference::kv_to_text(&entry.data, reference::SCALAR_KEY)
         .map_err(|reason| missing_key(&row, target, reason))
@@ -70,30 +110,90 @@ pub fn row_identity(
     key_values: &[Option<String>],
     column_name: &str,
 ) -> (String, String) {
-    let keys: Vec<String> = key_values
-        .iter()
-        .map(|k| k.clone().unwrap_or_default())
-        .collect();
+    let keys = flatten(key_values);
     let path = reference::row_path(path_prefix, &keys, column_name);
     let row = format!("row ({}) of {table_name}", keys.join(", "));
     (path, row)
 }
 
-/// Raises unless a reference names its own row's path: a reference copied
-/// from another row must not reveal that row's secret.
-fn check_own(target: &str, expected: &str, row: &str) {
-    if target != expected {
-        foreign_reference(target, expected, row).raise();
-    }
+fn flatten(key_values: &[Option<String>]) -> Vec<String> {
+    key_values
+        .iter()
+        .map(|k| k.clone().unwrap_or_default())
+        .collect()
 }
 
-/// Describes a reference found in a row that it was not made for.
-pub fn foreign_reference(target: &str, expected: &str, row: &str) -> Failure {
-    Failure::new(
-            PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-            format!("{row} holds a reference to \"{target}\", not to its own path \"{expected}\""),
+/// Returns the declaration of a column, or raises when it is not declared:
+/// no other table's values are ever resolved.
+fn declared(table_oid: pg_sys::Oid, column_name: &str) -> Result<Declaration, Failure> {
+    let not_declared = || {
+        Failure::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "column \"{column_name}\" of table {table_oid:?} is not a declared secret column"
+            ),
         )
-    .hint("A reference is valid only in the row it was made for: put the row's plaintext back, then run vault_redirect.migrate().")
+        .hint("Read secrets through the resolved views of declared tables.")
+    };
+    let schema = select_value::<String>(
+        "SELECT n.nspname::text FROM pg_catalog.pg_class c
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+        &[table_oid.into()],
+    )?
+    .ok_or_else(not_declared)?;
+    let name = select_value::<String>(
+        "SELECT relname::text FROM pg_catalog.pg_class WHERE oid = $1",
+        &[table_oid.into()],
+    )?
+    .ok_or_else(not_declared)?;
+    declare::load_declarations(Some((&schema, &name)))?
+        .into_iter()
+        .find(|d| d.column_name == column_name)
+        .ok_or_else(not_declared)
+}
+
+/// Raises unless the calling role can see a row of the declared table with
+/// these key values and this value: the reference must come from a row the
+/// role may read, not from the caller's arguments.
+fn check_visible(
+    declaration: &Declaration,
+    keys: &[String],
+    value: &str,
+    is_json: bool,
+) -> Result<(), Failure> {
+    let key_columns: Vec<String> = match &declaration.path_column {
+        Some(path_column) => vec![path_column.clone()],
+        None => declaration.key_columns.clone(),
+    };
+    let mut conditions = Vec::new();
+    for (i, column) in key_columns.iter().enumerate() {
+        conditions.push(format!("t.{}::text = ${}", quote_identifier(column), i + 1));
+    }
+    // jsonb compares by value, so the text form of `value` does not matter.
+    conditions.push(format!(
+        "t.{} = ${}::{}",
+        quote_identifier(&declaration.column_name),
+        key_columns.len() + 1,
+        if is_json { "jsonb" } else { "text" }
+    ));
+    let query = format!(
+        "SELECT EXISTS (SELECT 1 FROM {} t WHERE {})",
+        declaration.qualified_table(),
+        conditions.join(" AND ")
+    );
+    let mut args: Vec<DatumWithOid<'_>> = keys.iter().map(|k| k.as_str().into()).collect();
+    args.push(value.into());
+    if key_columns.len() != keys.len() || select_value::<bool>(&query, &args)? != Some(true) {
+        return Err(Failure::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "permission denied: no row of {} visible to the current role holds this reference",
+                declaration.display_table()
+            ),
+        )
+        .hint("Read secrets through the resolved view; the role needs SELECT on the table and its rows."));
+    }
+    Ok(())
 }
 
 fn resolve_json(target: &str, key: Option<&str>, row: &str) -> Value {

@@ -25,6 +25,8 @@ pub struct Row {
 pub struct ColumnScan<'a> {
     declaration: &'a Declaration,
     pub is_json: bool,
+    /// The length limit of a `varchar(n)` or `char(n)` column.
+    pub max_chars: Option<usize>,
     qualified: String,
     column: String,
 }
@@ -35,10 +37,19 @@ impl<'a> ColumnScan<'a> {
         let table = declare::find_table(&declaration.qualified_table()).map_err(|f| {
             f.hint("A declared table was dropped or renamed; declare it again under its new name.")
         })?;
-        let column_type = declare::column_type(&table, &declaration.column_name)?;
+        let column_type = declare::column_type(&table, &declaration.column_name)
+            .map_err(|f| f.hint("A declared column was dropped or renamed: run vault_redirect.undeclare() for it, and declare the new name if there is one."))?;
+        // A length-limited type stores its length plus 4 in atttypmod.
+        let typmod = crate::query::select_value::<i32>(
+            "SELECT atttypmod FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attname = $2",
+            &[table.oid.into(), declaration.column_name.as_str().into()],
+        )?
+        .unwrap_or(-1);
+        let limited = matches!(column_type.as_str(), "character varying" | "character");
         Ok(ColumnScan {
             declaration,
             is_json: column_type == "jsonb",
+            max_chars: (limited && typmod > 4).then(|| (typmod - 4) as usize),
             qualified: table.qualified(),
             column: quote_identifier(&declaration.column_name),
         })

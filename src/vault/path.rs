@@ -21,6 +21,8 @@ pub enum PathError {
     EmptySegment(String),
     #[error("path \"{0}\" has a \".\" or \"..\" segment")]
     DotSegment(String),
+    #[error("path \"{0}\" has a segment that percent-decodes to \".\" or \"..\"")]
+    EncodedDotSegment(String),
     #[error("path \"{0}\" contains a control character")]
     ControlCharacter(String),
 }
@@ -41,10 +43,21 @@ pub fn split_segments(path: &str) -> Result<Vec<String>, PathError> {
         match segment {
             "" => return Err(PathError::EmptySegment(path.to_owned())),
             "." | ".." => return Err(PathError::DotSegment(path.to_owned())),
+            _ if is_encoded_dots(segment) => {
+                return Err(PathError::EncodedDotSegment(path.to_owned()))
+            }
             _ => segments.push(segment.to_owned()),
         }
     }
     Ok(segments)
+}
+
+/// Reports whether a segment is `.` or `..` once percent-decoded. Such a
+/// segment is sent encoded and so cannot leave the prefix, but a proxy or
+/// another client that decodes it twice could take it for a dot segment.
+fn is_encoded_dots(segment: &str) -> bool {
+    let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+    matches!(decoded.as_ref(), "." | "..")
 }
 
 /// A checked KV path: one or more segments, none empty, none `.` or `..`.

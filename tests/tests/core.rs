@@ -522,8 +522,6 @@ fn search_path_keeps_app_sql() {
          GRANT SELECT ON maasserver_secret TO app;
          GRANT USAGE ON SCHEMA vault_redirect_resolved TO app;
          GRANT SELECT ON vault_redirect_resolved.maasserver_secret TO app;
-         GRANT USAGE ON SCHEMA vault_redirect TO app;
-         GRANT EXECUTE ON FUNCTION vault_redirect.resolve_kv(text, text, jsonb) TO app;
          ALTER ROLE app SET search_path = vault_redirect_resolved, public;",
     );
     let mut app = stack.pg.connect("app");
