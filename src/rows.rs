@@ -97,6 +97,7 @@ impl<'a> ColumnScan<'a> {
                     let value: Option<String> = row.get(3)?;
                     batch.push((ctid, key_values, value));
                 }
+                free_last_result();
                 if batch.is_empty() {
                     return Ok(());
                 }
@@ -116,8 +117,25 @@ impl<'a> ColumnScan<'a> {
         })
     }
 
-    /// Replaces a row's value and returns what the row now holds, as text.
+    /// Replaces a row's value.
     pub fn update(
+        &self,
+        client: &mut SpiClient<'_>,
+        ctid: &str,
+        value: &str,
+    ) -> Result<(), Failure> {
+        let update = format!(
+            "UPDATE {} SET {} = $1::{} WHERE ctid = $2::tid",
+            self.qualified,
+            self.column,
+            if self.is_json { "jsonb" } else { "text" },
+        );
+        client.update(update.as_str(), None, &[value.into(), ctid.into()])?;
+        Ok(())
+    }
+
+    /// Replaces a row's value and returns what the row now holds, as text.
+    pub fn update_returning(
         &self,
         client: &mut SpiClient<'_>,
         ctid: &str,
@@ -133,6 +151,7 @@ impl<'a> ColumnScan<'a> {
             .update(update.as_str(), None, &[value.into(), ctid.into()])?
             .first()
             .get_one::<String>()?;
+        free_last_result();
         Ok(stored)
     }
 
@@ -169,6 +188,21 @@ impl<'a> ColumnScan<'a> {
                 key_values,
                 &declaration.column_name,
             ),
+        }
+    }
+}
+
+/// Frees the result table of the last SPI command. pgrx leaves result
+/// tables to SPI_finish, so a scan that runs many commands in one SPI
+/// connection would otherwise keep every batch and every RETURNING result
+/// until it ends, and memory would grow with the table.
+fn free_last_result() {
+    // SAFETY: SPI_tuptable is the result of the last command of this SPI
+    // connection; its rows were copied out, and no reference to it remains.
+    unsafe {
+        if !pg_sys::SPI_tuptable.is_null() {
+            pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+            pg_sys::SPI_tuptable = std::ptr::null_mut();
         }
     }
 }

@@ -143,7 +143,7 @@ pub fn reminder(state: &str, missing: &[String]) -> Option<String> {
             missing.join(", ")
         )),
         "not_migrated" => Some(
-            "vault_redirect integration is incomplete: every server is configured; run vault_redirect.migrate() to complete it".to_owned(),
+            "vault_redirect integration is incomplete: every server is configured, but the secrets are not migrated yet; run vault_redirect.migrate()".to_owned(),
         ),
         "not_configured" => Some("vault_redirect is not configured on this server".to_owned()),
         _ => None,

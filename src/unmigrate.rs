@@ -168,7 +168,7 @@ fn unmigrate_column(declaration: &Declaration) -> Result<(i64, i64, i64), Failur
             return Ok(());
         };
         let text = plaintext(&scan, &row, key.as_deref())?;
-        let stored = scan.update(client, &row.ctid, &text)?;
+        let stored = scan.update_returning(client, &row.ctid, &text)?;
         if !same_value(scan.is_json, stored.as_deref(), &text) {
             return Err(Failure::new(
                 PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
