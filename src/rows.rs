@@ -16,7 +16,7 @@ pub struct Row {
     pub ctid: String,
     /// The KV path this row's secret belongs at.
     pub path: String,
-    /// How messages name the row, such as `row (16) of public.maasserver_bmc`.
+    /// Label that messages use for the row, such as `row (16) of public.maasserver_bmc`.
     pub label: String,
     /// The column's value as text, jsonb in its text form.
     pub value: Option<String>,

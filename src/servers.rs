@@ -1,5 +1,5 @@
-//! Which PostgreSQL servers resolve secrets, and whether each has its own
-//! Vault configuration.
+//! The registry of PostgreSQL servers that resolve secrets, and whether
+//! each has its own Vault configuration.
 //!
 //! A standby cannot write tables, so each server records itself in Vault:
 //! `configure()` writes a marker entry at `_vault_redirect/servers/<name>`
@@ -22,7 +22,7 @@ use crate::config::ServerConfig;
 use crate::errors::{require_superuser, Failure, OrRaise};
 use crate::vault::{KvPath, VaultClient, VaultError};
 
-/// Folder under the secrets path that holds one marker per server. Rows
+/// Folder under the secrets path that contains one marker per server. Rows
 /// of a key/value table may not use paths in it.
 pub const REGISTRY: &str = "_vault_redirect/servers";
 
@@ -200,7 +200,7 @@ pub fn mark_reminded() {
 }
 
 /// Shows a NOTICE the first time a superuser's session uses Vault while the
-/// integration is incomplete. Other roles are not told: they may not read
+/// integration is incomplete. Other roles get no NOTICE: they may not read
 /// the extension's tables, and the reminder is for administrators. A failure
 /// to work out the state is only recorded for status().
 pub fn remind_once() {
