@@ -87,11 +87,19 @@ impl<'a> ColumnScan<'a> {
             "SELECT t.ctid::text, {keys}, t.{}::text FROM {} t",
             self.column, self.qualified
         );
-        Spi::connect_mut(|client| {
-            let mut cursor = client.open_cursor(select.as_str(), &[]);
-            loop {
+        // Each batch runs in its own SPI connection, so that what SPI
+        // allocates while the batch's rows are visited is freed at the end
+        // of the batch. The cursor lives on between them, detached.
+        let cursor = Spi::connect(|client| {
+            client
+                .try_open_cursor(select.as_str(), &[])
+                .map(|cursor| cursor.detach_into_name())
+        })?;
+        loop {
+            let finished = Spi::connect_mut(|client| {
+                let mut open = client.find_cursor(&cursor)?;
                 let mut batch = Vec::new();
-                for row in cursor.fetch(BATCH_ROWS)? {
+                for row in open.fetch(BATCH_ROWS)? {
                     let ctid: String = row.get(1)?.unwrap_or_default();
                     let key_values: Vec<Option<String>> = row.get(2)?.unwrap_or_default();
                     let value: Option<String> = row.get(3)?;
@@ -99,8 +107,10 @@ impl<'a> ColumnScan<'a> {
                 }
                 free_last_result();
                 if batch.is_empty() {
-                    return Ok(());
+                    // Dropping the cursor closes it.
+                    return Ok(true);
                 }
+                open.detach_into_name();
                 for (ctid, key_values, value) in batch {
                     let (path, label) = self.identify(&key_values);
                     visit(
@@ -113,8 +123,12 @@ impl<'a> ColumnScan<'a> {
                         },
                     )?;
                 }
+                Ok::<_, Failure>(false)
+            })?;
+            if finished {
+                return Ok(());
             }
-        })
+        }
     }
 
     /// Replaces a row's value.
