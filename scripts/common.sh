@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Helpers shared by setup.sh, test.sh and demo.sh. Source it, do not run it.
+# Helpers shared by setup.sh, test.sh, demo.sh and bench-migrate.sh. Source
+# it, do not run it.
 
 # Used by the scripts that source this file.
 # shellcheck disable=SC2034
@@ -60,4 +61,64 @@ PY
   done
   echo "no $count free consecutive ports found on 127.0.0.1 in 20000-31999" >&2
   return 1
+}
+
+# Starts an OpenBao dev server on a free port of 127.0.0.1, with HOME set to
+# folder $1 (created here) and its output in file $2, and waits until it is
+# ready. Sets bao_port and bao_pid, and exports BAO_ADDR, VAULT_ADDR and
+# BAO_TOKEN, the random root token, for the admin setup only.
+start_bao_dev() {
+  local home="$1" log="$2" ready=0
+  # Dev mode also listens on the next port, for cluster traffic.
+  bao_port="$(pick_free_port 2)"
+  step "starting an OpenBao dev server on 127.0.0.1:$bao_port"
+  mkdir -m 700 "$home"
+  # BAO_DEV_ROOT_TOKEN_ID sets the root token like -dev-root-token-id but
+  # keeps it out of the process list. Dev mode also writes it to
+  # $home/.vault-token. The pip wrapper execs the real binary, so $! is the
+  # server's pid.
+  HOME="$home" BAO_DEV_ROOT_TOKEN_ID="$(random_hex 16)" \
+    bao server -dev -dev-listen-address="127.0.0.1:$bao_port" >"$log" 2>&1 &
+  bao_pid=$!
+  export BAO_ADDR="http://127.0.0.1:$bao_port"
+  export VAULT_ADDR="$BAO_ADDR"
+  for _ in $(seq 1 200); do
+    # Dev mode writes the token file after the health endpoint comes up.
+    if curl -fsS -o /dev/null "$BAO_ADDR/v1/sys/health" 2>/dev/null &&
+      [[ -s "$home/.vault-token" ]]; then
+      ready=1
+      break
+    fi
+    if ! kill -0 "$bao_pid" 2>/dev/null; then
+      echo "${0##*/}: the OpenBao dev server exited during startup" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  if ((!ready)); then
+    echo "${0##*/}: the OpenBao dev server at $BAO_ADDR was not ready within 20 s" >&2
+    return 1
+  fi
+  BAO_TOKEN="$(cat "$home/.vault-token")"
+  export BAO_TOKEN
+}
+
+# Enables AppRole on the server at BAO_ADDR, writes the minimal policy $2
+# for mount $3 and secrets path $4, and creates role $1 bound to it, with
+# token_ttl=5m and token_no_default_policy=true. Sets role_id, and wrapped:
+# a secret_id wrapped for 5 minutes. Neither is printed.
+setup_approle_role() {
+  local role="$1" policy="$2" mount="$3" path="$4"
+  step "enabling AppRole and writing the policy $policy for $mount/$path"
+  bao auth enable approle >/dev/null
+  bao policy write "$policy" - >/dev/null <<EOF
+path "$mount/metadata/$path/" { capabilities = ["list"] }
+path "$mount/metadata/$path/*" { capabilities = ["read", "update", "delete", "list"] }
+path "$mount/data/$path/*" { capabilities = ["read", "create", "update", "delete"] }
+EOF
+  step "creating the role $role and a secret_id wrapped for 5 minutes"
+  bao write "auth/approle/role/$role" token_ttl=5m token_no_default_policy=true \
+    token_policies="$policy" >/dev/null
+  role_id="$(bao read -field=role_id "auth/approle/role/$role/role-id")"
+  wrapped="$(bao write -wrap-ttl=5m -field=wrapping_token -f "auth/approle/role/$role/secret-id")"
 }

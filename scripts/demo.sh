@@ -118,54 +118,11 @@ trap cleanup EXIT
 
 # ---- OpenBao dev server --------------------------------------------------------
 
-# Dev mode also listens on the next port, for cluster traffic.
-bao_port="$(pick_free_port 2)"
-step "starting an OpenBao dev server on 127.0.0.1:$bao_port"
-mkdir -m 700 "$bao_home"
-# BAO_DEV_ROOT_TOKEN_ID sets the root token like -dev-root-token-id but keeps
-# it out of the process list. Dev mode also writes it to $bao_home/.vault-token.
-HOME="$bao_home" BAO_DEV_ROOT_TOKEN_ID="$(random_hex 16)" \
-  bao server -dev -dev-listen-address="127.0.0.1:$bao_port" >"$bao_log" 2>&1 &
-bao_pid=$!
-
-export BAO_ADDR="http://127.0.0.1:$bao_port"
-export VAULT_ADDR="$BAO_ADDR"
-bao_ready=0
-for _ in $(seq 1 200); do
-  # Dev mode writes the token file after the health endpoint comes up.
-  if curl -fsS -o /dev/null "$BAO_ADDR/v1/sys/health" 2>/dev/null &&
-    [[ -s "$bao_home/.vault-token" ]]; then
-    bao_ready=1
-    break
-  fi
-  if ! kill -0 "$bao_pid" 2>/dev/null; then
-    echo "demo.sh: the OpenBao dev server exited during startup" >&2
-    exit 1
-  fi
-  sleep 0.1
-done
-if ((!bao_ready)); then
-  echo "demo.sh: the OpenBao dev server at $BAO_ADDR was not ready within 20 s" >&2
-  exit 1
-fi
-BAO_TOKEN="$(cat "$bao_home/.vault-token")"
-export BAO_TOKEN
+start_bao_dev "$bao_home" "$bao_log"
 
 # ---- AppRole login for the extension, as the OpenBao admin ---------------------
 
-step "enabling AppRole and writing the policy $policy for $secrets_mount/$secrets_path"
-bao auth enable approle
-bao policy write "$policy" - <<EOF
-path "$secrets_mount/metadata/$secrets_path/" { capabilities = ["list"] }
-path "$secrets_mount/metadata/$secrets_path/*" { capabilities = ["read", "update", "delete", "list"] }
-path "$secrets_mount/data/$secrets_path/*" { capabilities = ["read", "create", "update", "delete"] }
-EOF
-
-step "creating the role $role and a secret_id wrapped for 5 minutes"
-bao write "auth/approle/role/$role" token_ttl=5m token_no_default_policy=true \
-  token_policies="$policy"
-role_id="$(bao read -field=role_id "auth/approle/role/$role/role-id")"
-wrapped="$(bao write -wrap-ttl=5m -field=wrapping_token -f "auth/approle/role/$role/secret-id")"
+setup_approle_role "$role" "$policy" "$secrets_mount" "$secrets_path"
 
 # ---- PostgreSQL 15 cluster -------------------------------------------------------
 
