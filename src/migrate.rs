@@ -107,8 +107,8 @@ fn check_preconditions(declarations: &[Declaration]) -> Result<(), Failure> {
     backend::with_client(|client, _| Ok(client.login()?))
 }
 
-/// Reports whether a migrated column holds plaintext again, written after
-/// the migration; migrate() then runs again to move it.
+/// Reports whether a migrated column contains plaintext again, written
+/// after the migration, so that migrate() runs again to move it.
 fn plaintext_left(declarations: &[Declaration]) -> Result<bool, Failure> {
     for declaration in declarations {
         if migrate_column(declaration, true)?.migrated > 0 {
@@ -125,7 +125,7 @@ struct Counts {
     nulls: i64,
 }
 
-/// What to do with one row.
+/// The action for one row.
 enum Plan {
     Skip,
     Move {
@@ -239,8 +239,8 @@ fn plan(is_json: bool, value: &str, expected: &str, row: &str) -> Result<Plan, F
 }
 
 /// Writes one value with check-and-set, reads it back and checks it came
-/// back unchanged. An entry that already holds the same data, left by an
-/// interrupted earlier run, is kept; one that holds other data is never
+/// back unchanged. An entry that already contains the same data, left by an
+/// interrupted earlier run, is kept, and one that contains other data is never
 /// overwritten.
 fn store(path: &KvPath, data: &Map<String, Value>) -> Result<(), Failure> {
     backend::with_client(|client, _| {

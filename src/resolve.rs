@@ -57,18 +57,16 @@ fn resolve_column_jsonb(
     let Some((target, key)) = reference::parse_json(&value) else {
         return Some(JsonB(value));
     };
-    let declaration = declared(table_oid, column_name).or_raise();
-    let keys = key_values.unwrap_or_default();
-    let (expected, row) = row_identity(
-        &declaration.display_table(),
-        &declaration.path_prefix,
-        &keys,
+    let Some(row) = own_row(
+        table_oid,
         column_name,
-    );
-    if target != expected || declaration.path_column.is_some() {
+        key_values,
+        &target,
+        &value.to_string(),
+        true,
+    ) else {
         return Some(JsonB(value));
-    }
-    check_visible(&declaration, &flatten(&keys), &value.to_string(), true).or_raise();
+    };
     Some(JsonB(resolve_json(&target, key.as_deref(), &row)))
 }
 
@@ -84,6 +82,27 @@ fn resolve_column_text(
     let Some(target) = value.strip_prefix(reference::TEXT_PREFIX) else {
         return Some(value.to_owned());
     };
+    let Some(row) = own_row(table_oid, column_name, key_values, target, value, false) else {
+        return Some(value.to_owned());
+    };
+    let entry = fetch(target).map_err(|f| f.context(&row)).or_raise();
+    reference::kv_to_text(&entry.data, reference::SCALAR_KEY)
+        .map_err(|reason| missing_key(&row, target, reason))
+        .or_raise()
+}
+
+/// Checks a wide-table value of reference shape. Returns `None` when it is
+/// not the row's own reference, so it is plaintext, or the row's label when
+/// it is and the row is visible to the caller; raises when it is not
+/// visible or the column is not declared.
+fn own_row(
+    table_oid: pg_sys::Oid,
+    column_name: &str,
+    key_values: Option<Vec<Option<String>>>,
+    target: &str,
+    value: &str,
+    is_json: bool,
+) -> Option<String> {
     let declaration = declared(table_oid, column_name).or_raise();
     let keys = key_values.unwrap_or_default();
     let (expected, row) = row_identity(
@@ -93,13 +112,10 @@ fn resolve_column_text(
         column_name,
     );
     if target != expected || declaration.path_column.is_some() {
-        return Some(value.to_owned());
+        return None;
     }
-    check_visible(&declaration, &flatten(&keys), value, false).or_raise();
-    let entry = fetch(target).map_err(|f| f.context(&row)).or_raise();
-    reference::kv_to_text(&entry.data, reference::SCALAR_KEY)
-        .map_err(|reason| missing_key(&row, target, reason))
-        .or_raise()
+    check_visible(&declaration, &flatten(&keys), value, is_json).or_raise();
+    Some(row)
 }
 
 /// Returns the KV path a wide-table row's column gets, and how messages

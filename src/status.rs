@@ -9,7 +9,7 @@ use crate::backend;
 use crate::errors::{Failure, OrRaise};
 use crate::servers;
 
-/// What the health probe found.
+/// Result of the health probe.
 #[derive(Default)]
 struct Health {
     reachable: bool,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vault_redirect_tests::stack::{db_error, describe, Stack};
 
-/// Rows in the table migrated under fault; enough for the migration to
+/// Rows in the table migrated under fault. There are enough for the migration to
 /// take a few seconds, so that the fault lands in the middle of it.
 const ROWS: u32 = 1500;
 const CHECKSUM: &str = "SELECT md5(string_agg(t::text, '|' ORDER BY path)) FROM big_secret t;";
@@ -121,7 +121,7 @@ fn kill_backend_mid_migration() {
         "{error}"
     );
 
-    // The postmaster restarts every backend after the crash; the log says
+    // The postmaster restarts every backend after the crash; the log prints
     // "ready to accept connections" once more when it is done.
     let mut recovered = false;
     for _ in 0..150 {
@@ -174,7 +174,8 @@ fn progress_visible_from_other_session() {
     });
     let (done, total) = seen_running.expect("another session saw the migration running");
     assert_eq!(total, i64::from(ROWS));
-    assert!(done > 0 && done <= total);
+    assert!(done > 0);
+    assert!(done <= total);
 
     let row = watcher
         .query_one(
