@@ -280,3 +280,88 @@ fn successful_configure_logs_no_credentials() {
     );
     assert!(!log.contains("vault_redirect.configure("));
 }
+
+#[test]
+fn odd_keys_and_identifiers_round_trip() {
+    let stack = Stack::configured(&[]);
+    stack.pg.psql(
+        "CREATE SCHEMA \"My Schema\";
+         CREATE TABLE \"My Schema\".\"My Table\" (
+             \"Region\" text, \"Node Id\" int, \"Pass Word\" text,
+             PRIMARY KEY (\"Region\", \"Node Id\"));
+         INSERT INTO \"My Schema\".\"My Table\" VALUES
+             ('eu/west %41 #1?', 1, 'pw with spaces & ünï'),
+             ('..', 2, 'dots'),
+             ('', 3, 'empty region'),
+             ('trailing ', 4, 'trailing space');
+         CREATE TABLE big (id int PRIMARY KEY, blob text);
+         INSERT INTO big VALUES (1, repeat('x', 1100000));
+         CREATE TABLE original AS SELECT * FROM \"My Schema\".\"My Table\";
+         SELECT vault_redirect.declare_column('\"My Schema\".\"My Table\"', 'Pass Word');
+         SELECT vault_redirect.declare_column('big', 'blob');",
+    );
+    stack
+        .superuser()
+        .query("SELECT * FROM vault_redirect.migrate()", &[])
+        .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    let differences = stack.pg.psql(
+        "SELECT count(*) FROM (
+             (SELECT * FROM vault_redirect_resolved.\"My Table\" EXCEPT SELECT * FROM original)
+             UNION ALL
+             (SELECT * FROM original EXCEPT SELECT * FROM vault_redirect_resolved.\"My Table\")) d;
+         SELECT length(blob) FROM vault_redirect_resolved.big;
+         SELECT count(*) FROM \"My Schema\".\"My Table\" WHERE \"Pass Word\" NOT LIKE '$vault_redirect:%';",
+    );
+    assert_eq!(
+        differences.split_whitespace().collect::<Vec<_>>(),
+        ["0", "1100000", "0"]
+    );
+    // Each key value is one path segment, with `/` and `%` escaped.
+    assert_eq!(
+        stack.kv_get("My Schema/My Table/eu%2Fwest %2541 #1?/1/Pass Word"),
+        Some(json!({"secret": "pw with spaces & ünï"}))
+    );
+    assert_eq!(
+        stack.kv_get("My Schema/My Table/%../2/Pass Word"),
+        Some(json!({"secret": "dots"}))
+    );
+}
+
+#[test]
+fn pg_dump_holds_no_secret_id() {
+    let stack = Stack::configured(&[]);
+    stack.load_maas_schema();
+    stack
+        .superuser()
+        .query("SELECT * FROM vault_redirect.migrate()", &[])
+        .unwrap();
+    let secret_id = stack.stored_secret_id();
+    let output = std::process::Command::new("runuser")
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            "/usr/lib/postgresql/15/bin/pg_dump",
+            "-h",
+        ])
+        .arg(stack.pg.data_dir())
+        .args(["-p", &stack.pg.port().to_string(), "-d", "postgres"])
+        .current_dir("/")
+        .output()
+        .expect("pg_dump runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let dump = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        dump.contains("secret_columns"),
+        "the declarations are dumped"
+    );
+    assert!(!dump.contains(&secret_id));
+    assert!(
+        !dump.contains("test-rpc-4f1c9e0b7a2d"),
+        "a migrated secret is in the dump"
+    );
+}
