@@ -1,5 +1,5 @@
 -- Declared secret columns. pg_dump keeps this table's rows, so a restored
--- database knows which columns hold references.
+-- database records which columns contain references.
 CREATE TABLE vault_redirect.secret_columns (
     table_schema name NOT NULL,
     table_name name NOT NULL,

@@ -1,4 +1,4 @@
--- Who may call what. Functions are executable by PUBLIC unless revoked, so
+-- Privileges of each function. Functions are executable by PUBLIC unless revoked, so
 -- every function is revoked here and granted back only where stated.
 --
 -- Superusers only (they also check it themselves): configure, declare_*,

@@ -194,7 +194,7 @@ fn check_probe(
 }
 
 /// Describes a failed probe step. The policy line in the hint names the
-/// whole prefix (`.../*`) rather than the probe entry, and the detail says
+/// whole prefix (`.../*`) rather than the probe entry, and the detail states
 /// that the wrapped token is spent, since the probe runs after the unwrap.
 fn probe_failure(error: VaultError) -> Failure {
     let mut failure = Failure::from(error).context("policy probe failed");

@@ -1,4 +1,4 @@
-//! Settings. Each is `vault_redirect.<name>`; none holds a secret. Those that
+//! Settings. Each is `vault_redirect.<name>`; none contains a secret. Those that
 //! decide which server is trusted can be set by superusers only.
 
 use std::ffi::CString;
@@ -11,7 +11,7 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 pub static CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 
 /// Timeout of one request in milliseconds, from send to the last byte of
-/// the answer. Default 10000.
+/// the response. Default 10000.
 pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 /// Retries of a failed request that is safe to retry. Default 2.
@@ -45,7 +45,7 @@ pub fn register() {
     );
     GucRegistry::define_int_guc(
         c"vault_redirect.request_timeout_ms",
-        c"Time allowed for one Vault request and its answer, in milliseconds.",
+        c"Time allowed for one Vault request and its response, in milliseconds.",
         c"Query cancel and statement_timeout still end a request sooner.",
         &REQUEST_TIMEOUT_MS,
         1,

@@ -4,7 +4,7 @@
 //! JSON file, replaced atomically) every few seconds and sends a NOTICE.
 //! A table could not serve: its rows stay invisible to other sessions until
 //! the migration's transaction commits. `migration_progress()` reads the file
-//! and tells whether the migration still runs by looking for the backend's
+//! and reports whether the migration still runs by looking for the backend's
 //! advisory lock.
 
 use std::fs;

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 pub const JSON_KEY: &str = "$vault_redirect";
 pub const TEXT_PREFIX: &str = "$vault_redirect:";
-/// The KV key that holds a value which is not a JSON object.
+/// The KV key that contains a value which is not a JSON object.
 pub const SCALAR_KEY: &str = "secret";
 
 /// Returns the reference a jsonb value is, if it has the reference shape.
@@ -44,7 +44,7 @@ pub fn text_reference(path: &str) -> String {
     format!("{TEXT_PREFIX}{path}")
 }
 
-/// Splits a plaintext jsonb value into KV data and the key that holds it.
+/// Splits a plaintext jsonb value into KV data and the key that contains it.
 pub fn json_to_kv(value: Value) -> (Map<String, Value>, Option<&'static str>) {
     match value {
         Value::Object(map) => (map, None),

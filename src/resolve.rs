@@ -92,9 +92,9 @@ fn resolve_column_text(
 }
 
 /// Checks a wide-table value of reference shape. Returns `None` when it is
-/// not the row's own reference, so it is plaintext, or the row's label when
-/// it is and the row is visible to the caller; raises when it is not
-/// visible or the column is not declared.
+/// not the row's own reference, which makes it plaintext. Returns the row's
+/// label when it is and the row is visible to the caller. Raises when the
+/// row is not visible or the column is not declared.
 fn own_row(
     table_oid: pg_sys::Oid,
     column_name: &str,

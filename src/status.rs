@@ -1,5 +1,5 @@
-//! `vault_redirect.status()`: what an operator runs first. It never raises
-//! because Vault is down; it reports what it found.
+//! `vault_redirect.status()`: the first check an operator runs. Vault being
+//! down or sealed is reported in its row, never raised as an error.
 
 use std::time::Instant;
 
@@ -109,7 +109,7 @@ fn status() -> TableIterator<
     )])
 }
 
-/// Asks `sys/seal-status`, which needs no token, and times the answer.
+/// Asks `sys/seal-status`, which needs no token, and times the response.
 fn probe(config: &crate::config::ServerConfig) -> Health {
     let started = Instant::now();
     let answer = backend::client_for(config, false)

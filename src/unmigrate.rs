@@ -13,7 +13,7 @@ use crate::read::fetch;
 use crate::reference;
 use crate::rows::{ColumnScan, Row};
 
-/// Returns the key of the reference a row holds, if its value is the row's
+/// Returns the key of the reference a row contains, if its value is the row's
 /// own reference. A value shaped like a reference to another path is
 /// plaintext.
 fn reference_of(scan: &ColumnScan, row: &Row) -> Result<Option<Option<String>>, Failure> {
@@ -58,7 +58,7 @@ fn plaintext(scan: &ColumnScan, row: &Row, key: Option<&str>) -> Result<String, 
         let key = key.unwrap_or(reference::SCALAR_KEY);
         match reference::kv_to_text(&entry.data, key).map_err(missing)? {
             Some(text) => Ok(text),
-            None => Err(missing(format!("the key \"{key}\" holds null"))),
+            None => Err(missing(format!("the key \"{key}\" contains null"))),
         }
     }
 }
@@ -198,7 +198,7 @@ fn same_value(is_json: bool, stored: Option<&str>, expected: &str) -> bool {
 }
 
 /// Deletes the KV entries that unmigrate() left behind: for each row of a
-/// column that is not migrated, the entry at the row's path, when it holds
+/// column that is not migrated, the entry at the row's path, when it contains
 /// exactly what migrating the row would write. An entry with other data is
 /// kept and counted. With `dry_run`, the default, only counts. Superuser
 /// only.

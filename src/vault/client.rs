@@ -389,7 +389,7 @@ impl VaultClient {
                 return result;
             };
             // OpenBao sends `Retry-After: 0` with every 429, so the backoff is
-            // a floor under what the server asks for.
+            // a floor under the delay the server requests.
             let backoff = (FIRST_BACKOFF * 2u32.saturating_pow(attempt)).min(MAX_BACKOFF);
             let delay = retry_after.map_or(backoff, |asked| asked.max(backoff));
             if attempt >= self.retry.max_retries || waited + delay > self.retry.max_wait {

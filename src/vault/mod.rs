@@ -1,5 +1,5 @@
 //! A small Vault/OpenBao HTTP client: AppRole login, response unwrapping and
-//! KV v2. It knows nothing of PostgreSQL, so the SQL layer decides how its
+//! KV v2. It does not depend on PostgreSQL, so the SQL layer decides how its
 //! errors surface and how a wait gives way to an interrupt.
 
 mod client;

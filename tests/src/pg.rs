@@ -89,7 +89,7 @@ impl Pg {
 
     /// Starts a hot standby of this cluster: a base backup taken with
     /// `pg_basebackup -R`, streaming from this server under `cluster_name`,
-    /// which is also the application_name the primary sees.
+    /// which is also the application_name the primary reports.
     pub fn start_standby(&self, cluster_name: &str) -> Pg {
         let dir = tempfile::Builder::new()
             .prefix("pg-standby-")
