@@ -95,6 +95,44 @@ impl Stack {
             .kv_put(MOUNT, &format!("{SECRETS_PATH}/{path}"), data)
     }
 
+    /// Returns the bytes of every file of a table's heap and TOAST relations.
+    pub fn table_files(&self, table: &str) -> Vec<u8> {
+        let paths = self.pg.psql(&format!(
+            "SELECT pg_relation_filepath('{table}'::regclass);
+             SELECT pg_relation_filepath(reltoastrelid) FROM pg_class
+              WHERE oid = '{table}'::regclass AND reltoastrelid <> 0;"
+        ));
+        let mut bytes = Vec::new();
+        for relative in paths.lines().filter(|l| !l.trim().is_empty()) {
+            let base = self.pg.data_dir().join(relative.trim());
+            for segment in 0.. {
+                let path = match segment {
+                    0 => base.clone(),
+                    n => base.with_extension(n.to_string()),
+                };
+                match std::fs::read(&path) {
+                    Ok(content) => bytes.extend(content),
+                    Err(_) => break,
+                }
+            }
+        }
+        bytes
+    }
+
+    /// Returns the bytes of every WAL segment.
+    pub fn wal_files(&self) -> Vec<u8> {
+        let wal = self.pg.data_dir().join("pg_wal");
+        let mut bytes = Vec::new();
+        let entries = std::fs::read_dir(&wal)
+            .unwrap_or_else(|err| panic!("failed to list {}: {err}", wal.display()));
+        for entry in entries.flatten() {
+            if entry.path().is_file() {
+                bytes.extend(std::fs::read(entry.path()).unwrap_or_default());
+            }
+        }
+        bytes
+    }
+
     /// Returns the path of this server's configuration file.
     pub fn config_file(&self) -> std::path::PathBuf {
         self.pg.data_dir().join("vault_redirect.conf")
@@ -144,4 +182,11 @@ pub fn describe(error: &postgres::Error) -> String {
         ),
         None => error.to_string(),
     }
+}
+
+/// Reports whether `needle` occurs in `haystack`.
+pub fn contains_bytes(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
 }

@@ -4,7 +4,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
 use serde_json::json;
-use vault_redirect_tests::stack::{db_error, describe, Stack, MAAS_FIXTURE};
+use vault_redirect_tests::stack::{contains_bytes, db_error, describe, Stack, MAAS_FIXTURE};
 
 /// Plaintext strings of the fixture that must leave the tables.
 const FIXTURE_SECRETS: &[&str] = &[
@@ -32,36 +32,6 @@ fn migrate(stack: &Stack) -> Vec<(String, String, i64, i64, i64)> {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
         .collect()
-}
-
-/// Returns the bytes of every file of a table's heap and TOAST relations.
-fn table_files(stack: &Stack, table: &str) -> Vec<u8> {
-    let paths = stack.pg.psql(&format!(
-        "SELECT pg_relation_filepath('{table}'::regclass);
-         SELECT pg_relation_filepath(reltoastrelid) FROM pg_class
-          WHERE oid = '{table}'::regclass AND reltoastrelid <> 0;"
-    ));
-    let mut bytes = Vec::new();
-    for relative in paths.lines().filter(|l| !l.trim().is_empty()) {
-        let base = stack.pg.data_dir().join(relative.trim());
-        for segment in 0.. {
-            let path = match segment {
-                0 => base.clone(),
-                n => base.with_extension(n.to_string()),
-            };
-            match fs::read(&path) {
-                Ok(content) => bytes.extend(content),
-                Err(_) => break,
-            }
-        }
-    }
-    bytes
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
 }
 
 #[test]
@@ -246,18 +216,18 @@ fn migrate_leaves_no_plaintext() {
 
     // The old row versions are still in the heap until the purge step.
     stack.pg.psql("CHECKPOINT;");
-    let before = table_files(&stack, "maasserver_secret");
-    assert!(contains(&before, "test-rpc-4f1c9e0b7a2d"));
+    let before = stack.table_files("maasserver_secret");
+    assert!(contains_bytes(&before, "test-rpc-4f1c9e0b7a2d"));
 
     stack
         .pg
         .psql("VACUUM FULL maasserver_secret; VACUUM FULL maasserver_bmc; CHECKPOINT;");
-    let mut files = table_files(&stack, "maasserver_secret");
-    files.extend(table_files(&stack, "maasserver_bmc"));
+    let mut files = stack.table_files("maasserver_secret");
+    files.extend(stack.table_files("maasserver_bmc"));
     assert!(!files.is_empty());
     for secret in FIXTURE_SECRETS {
         assert!(
-            !contains(&files, secret),
+            !contains_bytes(&files, secret),
             "{secret} is still in a data file"
         );
     }
