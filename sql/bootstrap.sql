@@ -29,3 +29,20 @@ CREATE TABLE vault_redirect.servers (
     added_at timestamptz NOT NULL DEFAULT now()
 );
 SELECT pg_catalog.pg_extension_config_dump('vault_redirect.servers', '');
+
+-- KV entries of deleted rows, waiting for the deletion worker. Rows come
+-- and go with the transactions that delete declared rows. What stays here
+-- could not be deleted yet, and last_error says why. pg_dump leaves it out,
+-- because a restored database must not delete the entries of its source.
+CREATE TABLE vault_redirect.deletion_queue (
+    path text PRIMARY KEY,
+    table_schema name NOT NULL,
+    table_name name NOT NULL,
+    queued_at timestamptz NOT NULL DEFAULT now(),
+    attempts integer NOT NULL DEFAULT 0,
+    last_attempt_at timestamptz,
+    last_error text
+);
+
+COMMENT ON TABLE vault_redirect.deletion_queue IS
+    'KV entries of deleted rows that vault_redirect has yet to delete from Vault';

@@ -3,8 +3,13 @@
 --
 -- Superusers only (they also check it themselves): configure, declare_*,
 -- undeclare, migrate, unmigrate, verify, delete_vault_entries, add_server,
--- remove_server, servers. They change the server's Vault credentials, the
--- tables or Vault.
+-- remove_server, servers, process_deletions, gc. They change the server's
+-- Vault credentials, the tables or Vault.
+--
+-- No role: the trigger functions redirect_write, redirect_delete and
+-- redirect_truncate. PostgreSQL checks EXECUTE on a trigger function only
+-- when a trigger is created, which declare_* do as a superuser. The
+-- triggers then fire for every role that writes to the table.
 --
 -- Granted by the DBA to chosen roles: read and read_json read any entry
 -- under the secrets path; status and migration_progress show no secret.

@@ -56,6 +56,9 @@ pub struct Declaration {
     pub key_columns: Vec<String>,
     pub path_prefix: String,
     pub view_schema: String,
+    /// Whether migrate() moved the column's values to Vault; from then on
+    /// the write trigger redirects every plaintext written to it.
+    pub migrated: bool,
 }
 
 impl Declaration {
@@ -115,9 +118,11 @@ fn declare_kv_table(
         key_columns: Vec::new(),
         path_prefix: String::new(),
         view_schema: view_schema.to_owned(),
+        migrated: false,
     };
     record(&declaration).or_raise();
     rebuild_view(&table).or_raise();
+    crate::redirect::install_triggers(&table).or_raise();
 }
 
 /// Declares a text or jsonb column of a wide table as a secret. Each row's
@@ -191,9 +196,11 @@ fn declare_column(
         key_columns,
         path_prefix: prefix,
         view_schema: view_schema.to_owned(),
+        migrated: false,
     };
     record(&declaration).or_raise();
     rebuild_view(&table).or_raise();
+    crate::redirect::install_triggers(&table).or_raise();
 }
 
 fn wrong_type(table: &Table, column: &str, found: &str, expected: &str) -> Failure {
@@ -364,7 +371,8 @@ pub fn load_declarations(table: Option<(&str, &str)>) -> Result<Vec<Declaration>
     Spi::connect(|client| {
         let rows = client.select(
             "SELECT table_schema::text, table_name::text, column_name::text, shape,
-                    path_column::text, key_columns::text[], path_prefix, view_schema::text
+                    path_column::text, key_columns::text[], path_prefix, view_schema::text,
+                    migrated_at IS NOT NULL
                FROM vault_redirect.secret_columns
               WHERE $1 = '' OR (table_schema = $1 AND table_name = $2)
               ORDER BY table_schema, table_name, column_name",
@@ -382,6 +390,7 @@ pub fn load_declarations(table: Option<(&str, &str)>) -> Result<Vec<Declaration>
                 key_columns: row.get(6)?.unwrap_or_default(),
                 path_prefix: row.get(7)?.unwrap_or_default(),
                 view_schema: row.get(8)?.unwrap_or_default(),
+                migrated: row.get(9)?.unwrap_or(false),
             });
         }
         Ok::<_, pgrx::spi::Error>(declarations)
@@ -551,6 +560,9 @@ fn undeclare(table_schema: &str, table_name: &str, column_name: &str) {
     .map_err(Failure::from)
     .or_raise();
     let remaining = load_declarations(Some((table_schema, table_name))).or_raise();
+    if let (Some(table), true) = (&table, remaining.is_empty()) {
+        crate::redirect::drop_triggers(&table.qualified()).or_raise();
+    }
     match (&table, remaining.is_empty()) {
         (Some(table), false) => rebuild_view(table).or_raise(),
         _ => Spi::run(&format!(

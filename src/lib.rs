@@ -7,12 +7,15 @@ mod backend;
 mod config;
 mod configure;
 mod declare;
+mod deletions;
 mod errors;
 mod gucs;
 mod migrate;
+mod pending;
 mod progress;
 mod query;
 mod read;
+mod redirect;
 mod reference;
 mod resolve;
 mod rows;
@@ -29,6 +32,7 @@ extension_sql_file!("../sql/finalize.sql", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::register();
+    pending::register_callbacks();
 }
 
 #[cfg(test)]

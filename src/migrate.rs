@@ -126,7 +126,7 @@ struct Counts {
 }
 
 /// The action for one row.
-enum Plan {
+pub enum Plan {
     Skip,
     Move {
         path: KvPath,
@@ -167,21 +167,16 @@ fn migrate_column(declaration: &Declaration, dry_run: bool) -> Result<Counts, Fa
             counts.already += 1;
             return Ok(());
         };
-        if let Some(max) = scan.max_chars {
-            let length = reference.chars().count();
-            if length > max {
-                return Err(Failure::new(
-                    PgSqlErrorCode::ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
-                    format!(
-                        "{}: the reference \"{reference}\" has {length} characters, but {}.{} takes at most {max}",
-                        row.label,
-                        declaration.display_table(),
-                        declaration.column_name
-                    ),
-                )
-                .hint("Widen the column (ALTER TABLE ... ALTER COLUMN ... TYPE varchar(N) or text), or declare it with a shorter path_prefix."));
-            }
-        }
+        check_length(
+            &reference,
+            scan.max_chars,
+            &row.label,
+            &format!(
+                "{}.{}",
+                declaration.display_table(),
+                declaration.column_name
+            ),
+        )?;
         if !dry_run {
             store(&path, &data).map_err(|f| f.context(&row.label))?;
             scan.update(client, &row.ctid, &reference)?;
@@ -196,7 +191,11 @@ fn migrate_column(declaration: &Declaration, dry_run: bool) -> Result<Counts, Fa
     Ok(counts)
 }
 
-fn plan(is_json: bool, value: &str, expected: &str, row: &str) -> Result<Plan, Failure> {
+/// Returns what to do with a row's value: nothing when it is the row's own
+/// reference, else the KV data to write at `expected` and the reference
+/// that replaces it. Any other value, a reference to another path
+/// included, is plaintext.
+pub fn plan(is_json: bool, value: &str, expected: &str, row: &str) -> Result<Plan, Failure> {
     let (data, reference) = if is_json {
         let parsed: Value = serde_json::from_str(value).map_err(|e| {
             Failure::new(
@@ -236,6 +235,27 @@ fn plan(is_json: bool, value: &str, expected: &str, row: &str) -> Result<Plan, F
         data,
         reference,
     })
+}
+
+/// Raises when a reference does not fit a length-limited column.
+pub fn check_length(
+    reference: &str,
+    max_chars: Option<usize>,
+    row: &str,
+    column: &str,
+) -> Result<(), Failure> {
+    let Some(max) = max_chars else {
+        return Ok(());
+    };
+    let length = reference.chars().count();
+    if length <= max {
+        return Ok(());
+    }
+    Err(Failure::new(
+        PgSqlErrorCode::ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
+        format!("{row}: the reference \"{reference}\" has {length} characters, but {column} takes at most {max}"),
+    )
+    .hint("Widen the column (ALTER TABLE ... ALTER COLUMN ... TYPE varchar(N) or text), or declare it with a shorter path_prefix."))
 }
 
 /// Writes one value with check-and-set, reads it back and checks it came

@@ -9,9 +9,14 @@ use crate::reference;
 use crate::vault::{KvEntry, KvPath};
 
 /// Reads the latest version of the entry at `path` under the secrets path.
+/// A secret this transaction wrote and has not committed yet is returned
+/// as it will be written, with version 0.
 pub fn fetch(path: &str) -> Result<KvEntry, Failure> {
     crate::servers::remind_once();
     let path = KvPath::parse(path)?;
+    if let Some(data) = crate::pending::lookup(&path) {
+        return Ok(KvEntry { data, version: 0 });
+    }
     backend::with_client(|client, _| Ok(client.kv_read(&path)?))
 }
 

@@ -116,3 +116,41 @@ pub fn row_path(prefix: &str, key_values: &[String], column: &str) -> String {
     path.push_str(&escape_segment(column));
     path
 }
+
+/// Reverses escape_segment().
+pub fn unescape_segment(segment: &str) -> String {
+    let segment = match segment {
+        "%" | "%." | "%.." => &segment[1..],
+        other => other,
+    };
+    let mut out = String::with_capacity(segment.len());
+    let mut rest = segment;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let code = rest.get(at..at + 3);
+        match code {
+            Some("%25") => out.push('%'),
+            Some("%2F") => out.push('/'),
+            _ => {
+                out.push('%');
+                rest = &rest[at + 1..];
+                continue;
+            }
+        }
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Returns the primary key values of the wide-table row whose column gets
+/// `path`, or `None` when `path` is not such a row's path.
+pub fn row_keys(prefix: &str, key_count: usize, column: &str, path: &str) -> Option<Vec<String>> {
+    let rest = path.strip_prefix(prefix)?.strip_prefix('/')?;
+    let segments: Vec<&str> = rest.split('/').collect();
+    let (last, keys) = segments.split_last()?;
+    if keys.len() != key_count || *last != escape_segment(column) {
+        return None;
+    }
+    Some(keys.iter().map(|k| unescape_segment(k)).collect())
+}

@@ -157,6 +157,8 @@ fn unmigrate() -> TableIterator<
 fn unmigrate_column(declaration: &Declaration) -> Result<(i64, i64, i64), Failure> {
     let scan = ColumnScan::new(declaration)?;
     scan.lock()?;
+    // First, so that the write trigger lets the plaintext into the rows.
+    scan.set_migrated(false)?;
     let (mut restored, mut plain, mut nulls) = (0, 0, 0);
     scan.for_each(|client, row| {
         if row.value.is_none() {
@@ -182,7 +184,6 @@ fn unmigrate_column(declaration: &Declaration) -> Result<(i64, i64, i64), Failur
         restored += 1;
         Ok(())
     })?;
-    scan.set_migrated(false)?;
     Ok((restored, plain, nulls))
 }
 

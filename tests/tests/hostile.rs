@@ -110,10 +110,34 @@ fn plaintext_after_migration_migrates() {
     client
         .query("SELECT * FROM vault_redirect.migrate()", &[])
         .unwrap();
+    // A write after the migration goes to Vault at once.
     client
         .execute(
             "INSERT INTO maasserver_secret (path, value) VALUES ('global/late', '{\"secret\": \"late-1\"}')",
             &[],
+        )
+        .unwrap();
+    assert_eq!(
+        stack.kv_get("global/late"),
+        Some(json!({"secret": "late-1"}))
+    );
+    let error = client
+        .query("SELECT * FROM vault_redirect.migrate()", &[])
+        .expect_err("nothing is left to migrate");
+    assert_eq!(
+        db_error(&error).code().code(),
+        "42710",
+        "{}",
+        describe(&error)
+    );
+
+    // Plaintext that a superuser let in with the trigger disabled is moved
+    // by the next migrate().
+    client
+        .batch_execute(
+            "ALTER TABLE maasserver_secret DISABLE TRIGGER zz_vault_redirect_write;
+             INSERT INTO maasserver_secret (path, value) VALUES ('global/bypass', '{\"secret\": \"late-2\"}');
+             ALTER TABLE maasserver_secret ENABLE ALWAYS TRIGGER zz_vault_redirect_write;",
         )
         .unwrap();
     let moved: i64 = client
@@ -125,8 +149,8 @@ fn plaintext_after_migration_migrates() {
         .get(0);
     assert_eq!(moved, 1);
     assert_eq!(
-        stack.kv_get("global/late"),
-        Some(json!({"secret": "late-1"}))
+        stack.kv_get("global/bypass"),
+        Some(json!({"secret": "late-2"}))
     );
 }
 

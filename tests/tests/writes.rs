@@ -1,0 +1,641 @@
+//! Writes to migrated columns go to Vault: INSERT, UPDATE, DELETE and
+//! TRUNCATE, through MAAS's own statements, with rollbacks, savepoints,
+//! failures at commit, concurrent writers and the deletion queue.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use postgres::Client;
+use serde_json::{json, Value};
+use vault_redirect_tests::bao::approle_policy;
+use vault_redirect_tests::stack::{contains_bytes, db_error, describe, Stack};
+
+/// MAAS's upsert of a secret, as its ORM sends it.
+const UPSERT: &str = "INSERT INTO maasserver_secret (created, updated, path, value)
+                      VALUES (now(), now(), $1, $2)
+                      ON CONFLICT (path) DO UPDATE
+                         SET value = EXCLUDED.value, updated = EXCLUDED.updated
+                      RETURNING path";
+
+/// Starts a stack with the MAAS tables migrated, and an application role
+/// `app` that may read and write them but nothing of the extension.
+fn migrated_stack() -> Stack {
+    let stack = Stack::configured(&["token_no_default_policy=true"]);
+    stack.load_maas_schema();
+    stack.pg.psql(
+        "SELECT * FROM vault_redirect.migrate();
+         CREATE ROLE app LOGIN;
+         GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE
+            ON public.maasserver_secret, public.maasserver_bmc TO app;
+         GRANT USAGE ON SCHEMA vault_redirect_resolved TO app;
+         GRANT SELECT ON ALL TABLES IN SCHEMA vault_redirect_resolved TO app;",
+    );
+    stack
+}
+
+/// Returns the value the resolved view shows for a path.
+fn resolved(client: &mut Client, path: &str) -> Option<Value> {
+    client
+        .query_opt(
+            "SELECT value FROM vault_redirect_resolved.maasserver_secret WHERE path = $1",
+            &[&path],
+        )
+        .unwrap_or_else(|e| panic!("reading {path} through the view failed: {}", describe(&e)))
+        .map(|row| row.get(0))
+}
+
+/// Returns what the row itself holds for a path.
+fn stored(client: &mut Client, path: &str) -> Option<Value> {
+    client
+        .query_opt(
+            "SELECT value FROM public.maasserver_secret WHERE path = $1",
+            &[&path],
+        )
+        .unwrap()
+        .map(|row| row.get(0))
+}
+
+fn reference(path: &str) -> Value {
+    json!({ "$vault_redirect": path })
+}
+
+/// Waits until `check` holds, for at most a minute.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn queue_length(client: &mut Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM vault_redirect.deletion_queue", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Returns the bytes of a table's files and of every WAL segment, after a
+/// checkpoint.
+fn heap_and_wal(stack: &Stack, table: &str) -> Vec<u8> {
+    stack.pg.psql("CHECKPOINT;");
+    let mut bytes = stack.table_files(table);
+    bytes.extend(stack.wal_files());
+    bytes
+}
+
+#[test]
+fn maas_statements_write_to_vault() {
+    let stack = migrated_stack();
+    let mut app = stack.pg.connect("app");
+
+    // INSERT ... ON CONFLICT for a new path, then for an existing one.
+    let new_value = json!({ "secret": "w-new-6a1f2c" });
+    let returned: String = app
+        .query_one(UPSERT, &[&"global/new-key", &new_value])
+        .unwrap_or_else(|e| panic!("upsert of a new path failed: {}", describe(&e)))
+        .get(0);
+    assert_eq!(returned, "global/new-key");
+    assert_eq!(
+        stored(&mut app, "global/new-key"),
+        Some(reference("global/new-key"))
+    );
+    assert_eq!(stack.kv_get("global/new-key"), Some(new_value.clone()));
+    assert_eq!(resolved(&mut app, "global/new-key"), Some(new_value));
+
+    let replaced = json!({ "secret": "w-upserted-0b9e" });
+    app.query_one(UPSERT, &[&"global/rpc-shared", &replaced])
+        .unwrap_or_else(|e| panic!("upsert of an existing path failed: {}", describe(&e)));
+    assert_eq!(stack.kv_get("global/rpc-shared"), Some(replaced.clone()));
+    assert_eq!(resolved(&mut app, "global/rpc-shared"), Some(replaced));
+
+    // UPDATE ... SET value = $1 WHERE path = $2, with a scalar value.
+    let scalar = json!("w-scalar-77d3");
+    let updated = app
+        .execute(
+            "UPDATE maasserver_secret SET value = $1 WHERE path = $2",
+            &[&scalar, &"rootkey/3/material"],
+        )
+        .unwrap();
+    assert_eq!(updated, 1);
+    assert_eq!(
+        stored(&mut app, "rootkey/3/material"),
+        Some(json!({ "$vault_redirect": "rootkey/3/material", "key": "secret" }))
+    );
+    assert_eq!(
+        stack.kv_get("rootkey/3/material"),
+        Some(json!({ "secret": "w-scalar-77d3" }))
+    );
+    assert_eq!(resolved(&mut app, "rootkey/3/material"), Some(scalar));
+
+    // An UPDATE that leaves the secret alone sends nothing to Vault.
+    let version_before = stack
+        .bao
+        .kv_metadata("secret", "maas/global/omapi-key")
+        .unwrap()["current_version"]
+        .clone();
+    app.execute(
+        "UPDATE maasserver_secret SET updated = now() WHERE path = 'global/omapi-key'",
+        &[],
+    )
+    .unwrap();
+    let version_after = stack
+        .bao
+        .kv_metadata("secret", "maas/global/omapi-key")
+        .unwrap()["current_version"]
+        .clone();
+    assert_eq!(
+        version_before, version_after,
+        "an unchanged secret was written again"
+    );
+
+    // DELETE ... WHERE path LIKE 'bmc/3/%' removes the entries after commit.
+    for id in ["bmc/3/power-parameters", "bmc/3/extra"] {
+        app.query_one(UPSERT, &[&id, &json!({ "power_pass": "w-bmc3-c41d" })])
+            .unwrap();
+        assert!(stack.kv_get(id).is_some(), "{id} was not written to Vault");
+    }
+    let deleted = app
+        .execute(
+            "DELETE FROM maasserver_secret WHERE path LIKE 'bmc/3/%'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(deleted, 2);
+    eventually("the KV entries of the deleted rows are gone", || {
+        stack.kv_get("bmc/3/power-parameters").is_none() && stack.kv_get("bmc/3/extra").is_none()
+    });
+    let mut admin = stack.superuser();
+    eventually("the deletion queue is empty", || {
+        queue_length(&mut admin) == 0
+    });
+    assert!(
+        stack.kv_get("bmc/1/power-parameters").is_some(),
+        "another BMC's entry was deleted"
+    );
+
+    // None of the plaintext written reached the table files or the WAL.
+    let files = heap_and_wal(&stack, "public.maasserver_secret");
+    for plaintext in [
+        "w-new-6a1f2c",
+        "w-upserted-0b9e",
+        "w-scalar-77d3",
+        "w-bmc3-c41d",
+    ] {
+        assert!(
+            !contains_bytes(&files, plaintext),
+            "{plaintext} is in the heap or WAL"
+        );
+    }
+}
+
+#[test]
+fn rollback_and_savepoints_leave_vault_alone() {
+    let stack = migrated_stack();
+    let mut app = stack.pg.connect("app");
+    let original = stack.kv_get("global/macaroon-key").unwrap();
+
+    let mut tx = app.transaction().unwrap();
+    tx.execute(
+        "UPDATE maasserver_secret SET value = '{\"secret\": \"w-rolled-back\"}' WHERE path = 'global/macaroon-key'",
+        &[],
+    )
+    .unwrap();
+    // The transaction reads its own write before it commits.
+    let inside: Value = tx
+        .query_one(
+            "SELECT value FROM vault_redirect_resolved.maasserver_secret WHERE path = 'global/macaroon-key'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(inside, json!({ "secret": "w-rolled-back" }));
+    tx.execute(UPSERT, &[&"global/never", &json!({ "secret": "w-never" })])
+        .unwrap();
+    tx.rollback().unwrap();
+    assert_eq!(stack.kv_get("global/macaroon-key"), Some(original));
+    assert_eq!(
+        stack.kv_get("global/never"),
+        None,
+        "a rolled-back insert reached Vault"
+    );
+
+    // A savepoint rolled back drops its writes; the rest commits.
+    let mut tx = app.transaction().unwrap();
+    tx.execute(UPSERT, &[&"global/sp", &json!({ "secret": "w-kept" })])
+        .unwrap();
+    let mut savepoint = tx.savepoint("sp").unwrap();
+    savepoint
+        .execute(UPSERT, &[&"global/sp", &json!({ "secret": "w-dropped" })])
+        .unwrap();
+    savepoint
+        .execute(
+            UPSERT,
+            &[&"global/sp-inner", &json!({ "secret": "w-dropped" })],
+        )
+        .unwrap();
+    savepoint.rollback().unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        stack.kv_get("global/sp"),
+        Some(json!({ "secret": "w-kept" }))
+    );
+    assert_eq!(stack.kv_get("global/sp-inner"), None);
+    assert_eq!(
+        resolved(&mut app, "global/sp"),
+        Some(json!({ "secret": "w-kept" }))
+    );
+}
+
+#[test]
+fn commit_fails_when_vault_is_sealed() {
+    let stack = migrated_stack();
+    let mut app = stack.pg.connect("app");
+    stack.bao.seal();
+    let error = app
+        .query_one(
+            UPSERT,
+            &[&"global/while-sealed", &json!({ "secret": "w-sealed" })],
+        )
+        .expect_err("a write while Vault is sealed must fail");
+    let db = db_error(&error);
+    assert!(
+        db.message().contains("sealed") && db.message().contains("global/while-sealed"),
+        "the error names the state and the row: {}",
+        describe(&error)
+    );
+    stack.bao.unseal();
+    assert_eq!(
+        stored(&mut app, "global/while-sealed"),
+        None,
+        "the row was kept"
+    );
+    assert_eq!(stack.kv_get("global/while-sealed"), None);
+
+    // The same connection works again once Vault is unsealed.
+    app.query_one(
+        UPSERT,
+        &[&"global/while-sealed", &json!({ "secret": "w-after" })],
+    )
+    .unwrap_or_else(|e| panic!("write after unseal failed: {}", describe(&e)));
+    assert_eq!(
+        stack.kv_get("global/while-sealed"),
+        Some(json!({ "secret": "w-after" }))
+    );
+}
+
+#[test]
+fn failed_commit_undoes_earlier_writes() {
+    let stack = migrated_stack();
+    let mut admin = stack.superuser();
+    // A second declared table, whose row is written after the first.
+    admin
+        .batch_execute(
+            "CREATE TABLE public.other (id int PRIMARY KEY, pass text);
+             SELECT vault_redirect.declare_column('public.other', 'pass');
+             SELECT * FROM vault_redirect.migrate();",
+        )
+        .unwrap();
+    let original = stack.kv_get("global/tls").unwrap();
+    let mut tx = admin.transaction().unwrap();
+    tx.execute(
+        "UPDATE maasserver_secret SET value = '{\"key\": \"w-undone\"}' WHERE path = 'global/tls'",
+        &[],
+    )
+    .unwrap();
+    tx.execute("INSERT INTO public.other VALUES (1, 'w-other')", &[])
+        .unwrap();
+    // The policy now refuses the second table's paths, so that the first
+    // write of the commit succeeds and the second fails.
+    let refusing = format!(
+        "{}path \"secret/data/maas/public/other/*\" {{ capabilities = [\"deny\"] }}\n",
+        approle_policy("secret", "maas")
+    );
+    let (status, _) = stack.bao.request(
+        "PUT",
+        "/v1/sys/policies/acl/pg-primary-policy",
+        Some(&json!({ "policy": refusing })),
+    );
+    assert!(
+        status == 200 || status == 204,
+        "policy update answered {status}"
+    );
+    let error = tx.commit().expect_err("the commit must fail");
+    assert!(
+        describe(&error).contains("public.other"),
+        "the error names the row whose write failed: {}",
+        describe(&error)
+    );
+    assert_eq!(
+        stack.kv_get("global/tls"),
+        Some(original),
+        "the first write was not undone"
+    );
+    assert_eq!(
+        stored(&mut admin, "global/tls"),
+        Some(reference("global/tls"))
+    );
+}
+
+#[test]
+fn deletions_wait_while_vault_is_sealed() {
+    let stack = migrated_stack();
+    let mut app = stack.pg.connect("app");
+    let mut admin = stack.superuser();
+    stack.bao.seal();
+    app.execute(
+        "DELETE FROM maasserver_secret WHERE path = 'global/vcenter-password'",
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("a delete must not need Vault: {}", describe(&e)));
+    eventually("the worker records its failed attempt", || {
+        admin
+            .query_opt(
+                "SELECT last_error FROM vault_redirect.deletion_queue
+                  WHERE path = 'global/vcenter-password' AND attempts > 0",
+                &[],
+            )
+            .unwrap()
+            .and_then(|row| row.get::<_, Option<String>>(0))
+            .is_some_and(|e| e.contains("sealed"))
+    });
+    stack.bao.unseal();
+    let row = admin
+        .query_one("SELECT * FROM vault_redirect.process_deletions()", &[])
+        .unwrap_or_else(|e| panic!("process_deletions failed: {}", describe(&e)));
+    let (deleted, remaining): (i64, i64) = (row.get(0), row.get(2));
+    assert!(deleted <= 1, "deleted {deleted}");
+    assert_eq!(remaining, 0);
+    assert_eq!(stack.kv_get("global/vcenter-password"), None);
+}
+
+#[test]
+fn deleted_then_inserted_again_keeps_the_secret() {
+    let stack = migrated_stack();
+    let mut app = stack.pg.connect("app");
+    let mut tx = app.transaction().unwrap();
+    tx.execute(
+        "DELETE FROM maasserver_secret WHERE path = 'global/omapi-key'",
+        &[],
+    )
+    .unwrap();
+    tx.execute(
+        UPSERT,
+        &[&"global/omapi-key", &json!({ "secret": "w-again" })],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let mut admin = stack.superuser();
+    eventually("the deletion queue is empty", || {
+        queue_length(&mut admin) == 0
+    });
+    assert_eq!(
+        stack.kv_get("global/omapi-key"),
+        Some(json!({ "secret": "w-again" }))
+    );
+    assert_eq!(
+        resolved(&mut app, "global/omapi-key"),
+        Some(json!({ "secret": "w-again" }))
+    );
+}
+
+#[test]
+fn changing_the_path_moves_the_secret() {
+    let stack = migrated_stack();
+    let mut app = stack.pg.connect("app");
+    let original = stack.kv_get("global/rpc-shared").unwrap();
+    app.execute(
+        "UPDATE maasserver_secret SET path = 'global/rpc-renamed' WHERE path = 'global/rpc-shared'",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        stored(&mut app, "global/rpc-renamed"),
+        Some(reference("global/rpc-renamed"))
+    );
+    assert_eq!(stack.kv_get("global/rpc-renamed"), Some(original.clone()));
+    eventually("the old entry is deleted", || {
+        stack.kv_get("global/rpc-shared").is_none()
+    });
+    assert_eq!(resolved(&mut app, "global/rpc-renamed"), Some(original));
+}
+
+#[test]
+fn truncate_queues_every_entry() {
+    let stack = migrated_stack();
+    let mut app = stack.pg.connect("app");
+    app.execute("TRUNCATE maasserver_bmc", &[]).unwrap();
+    eventually("the wide table's entries are deleted", || {
+        stack
+            .kv_get("public/maasserver_bmc/1/power_parameters")
+            .is_none()
+            && stack
+                .kv_get("public/maasserver_bmc/2/power_parameters")
+                .is_none()
+    });
+    assert!(stack.kv_get("global/rpc-shared").is_some());
+}
+
+#[test]
+fn wide_table_rows_write_to_vault() {
+    let stack = migrated_stack();
+    let mut app = stack.pg.connect("app");
+    let params = json!({ "power_address": "192.0.2.40", "power_pass": "w-bmc40-5e1a" });
+    app.execute(
+        "INSERT INTO maasserver_bmc (id, power_type, power_parameters) VALUES (40, 'ipmi', $1)",
+        &[&params],
+    )
+    .unwrap();
+    let row: Value = app
+        .query_one(
+            "SELECT power_parameters FROM maasserver_bmc WHERE id = 40",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(row, reference("public/maasserver_bmc/40/power_parameters"));
+    let view: Value = app
+        .query_one(
+            "SELECT power_parameters FROM vault_redirect_resolved.maasserver_bmc WHERE id = 40",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(view, params);
+    // COPY goes through the same trigger.
+    let mut writer = app
+        .copy_in("COPY maasserver_bmc (id, power_type, power_parameters) FROM STDIN")
+        .unwrap();
+    use std::io::Write;
+    writer
+        .write_all(b"41\tipmi\t{\"power_pass\": \"w-copied-8f2b\"}\n")
+        .unwrap();
+    writer.finish().unwrap();
+    assert_eq!(
+        stack.kv_get("public/maasserver_bmc/41/power_parameters"),
+        Some(json!({ "power_pass": "w-copied-8f2b" }))
+    );
+    let files = heap_and_wal(&stack, "public.maasserver_bmc");
+    assert!(!contains_bytes(&files, "w-bmc40-5e1a"));
+    assert!(!contains_bytes(&files, "w-copied-8f2b"));
+}
+
+#[test]
+fn concurrent_writers_of_one_secret() {
+    let stack = migrated_stack();
+    // Two sessions update the same row: the second waits for the first, and
+    // Vault ends with the value of the transaction that committed last.
+    let mut first = stack.pg.connect("app");
+    let mut tx = first.transaction().unwrap();
+    tx.execute(
+        "UPDATE maasserver_secret SET value = '{\"secret\": \"w-first\"}' WHERE path = 'global/rpc-shared'",
+        &[],
+    )
+    .unwrap();
+    let config = stack.pg.config("app");
+    let second = thread::spawn(move || {
+        let mut client = config.connect(postgres::NoTls).unwrap();
+        client
+            .execute(
+                "UPDATE maasserver_secret SET value = '{\"secret\": \"w-second\"}' WHERE path = 'global/rpc-shared'",
+                &[],
+            )
+            .unwrap()
+    });
+    thread::sleep(Duration::from_millis(500));
+    tx.commit().unwrap();
+    assert_eq!(second.join().unwrap(), 1);
+    assert_eq!(
+        stack.kv_get("global/rpc-shared"),
+        Some(json!({ "secret": "w-second" }))
+    );
+
+    // Many sessions upsert one new path at once; whatever order they commit
+    // in, the row and Vault agree with the last commit.
+    let writers: Vec<_> = (0..6)
+        .map(|i| {
+            let config = stack.pg.config("app");
+            thread::spawn(move || {
+                let mut client = config.connect(postgres::NoTls).unwrap();
+                for round in 0..5 {
+                    let value = json!({ "secret": format!("w-race-{i}-{round}") });
+                    client.query_one(UPSERT, &[&"global/race", &value]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let mut app = stack.pg.connect("app");
+    assert_eq!(
+        stored(&mut app, "global/race"),
+        Some(reference("global/race"))
+    );
+    let in_vault = stack.kv_get("global/race").unwrap();
+    assert!(
+        in_vault["secret"].as_str().unwrap().starts_with("w-race-"),
+        "{in_vault}"
+    );
+    assert_eq!(resolved(&mut app, "global/race"), Some(in_vault));
+}
+
+#[test]
+fn gc_finds_orphans_only() {
+    let stack = migrated_stack();
+    let mut admin = stack.superuser();
+    stack.kv_put("global/orphan", &json!({ "secret": "w-orphan" }));
+    stack.kv_put(
+        "public/maasserver_bmc/99/power_parameters",
+        &json!({ "x": 1 }),
+    );
+    let orphans = |client: &mut Client, dry_run: bool| -> Vec<(String, String)> {
+        client
+            .query(
+                "SELECT path, action FROM vault_redirect.gc(dry_run => $1)",
+                &[&dry_run],
+            )
+            .unwrap_or_else(|e| panic!("gc failed: {}", describe(&e)))
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let listed = orphans(&mut admin, true);
+    assert_eq!(
+        listed,
+        vec![
+            ("global/orphan".to_owned(), "orphan".to_owned()),
+            (
+                "public/maasserver_bmc/99/power_parameters".to_owned(),
+                "orphan".to_owned()
+            ),
+        ]
+    );
+    assert!(stack.kv_get("global/orphan").is_some(), "a dry run deleted");
+    let deleted = orphans(&mut admin, false);
+    assert_eq!(deleted.len(), 2);
+    assert!(deleted.iter().all(|(_, action)| action == "deleted"));
+    assert_eq!(stack.kv_get("global/orphan"), None);
+    assert!(orphans(&mut admin, true).is_empty());
+    let problems: i64 = admin
+        .query_one("SELECT count(*) FROM vault_redirect.verify()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(problems, 0, "gc removed an entry a row uses");
+    // gc is for superusers only.
+    let mut app = stack.pg.connect("app");
+    let error = app
+        .query("SELECT * FROM vault_redirect.gc()", &[])
+        .expect_err("app must not run gc");
+    assert_eq!(db_error(&error).code().code(), "42501");
+}
+
+#[test]
+fn unmigrate_stops_the_redirection() {
+    let stack = migrated_stack();
+    let mut admin = stack.superuser();
+    let mut app = stack.pg.connect("app");
+    app.query_one(
+        UPSERT,
+        &[&"global/before-unmigrate", &json!({ "secret": "w-b" })],
+    )
+    .unwrap();
+    admin
+        .batch_execute("SELECT * FROM vault_redirect.unmigrate()")
+        .unwrap_or_else(|e| panic!("unmigrate failed: {}", describe(&e)));
+    assert_eq!(
+        stored(&mut app, "global/before-unmigrate"),
+        Some(json!({ "secret": "w-b" }))
+    );
+    app.query_one(
+        UPSERT,
+        &[&"global/after-unmigrate", &json!({ "secret": "w-a" })],
+    )
+    .unwrap();
+    assert_eq!(
+        stored(&mut app, "global/after-unmigrate"),
+        Some(json!({ "secret": "w-a" })),
+        "a column that is not migrated keeps plaintext"
+    );
+    assert_eq!(stack.kv_get("global/after-unmigrate"), None);
+}
+
+#[test]
+fn role_without_privileges_cannot_write() {
+    let stack = migrated_stack();
+    stack.pg.psql("CREATE ROLE nobody LOGIN;");
+    let mut nobody = stack.pg.connect("nobody");
+    for statement in [
+        "INSERT INTO public.maasserver_secret (path, value) VALUES ('global/x', '{}')",
+        "UPDATE public.maasserver_secret SET value = '{}' WHERE path = 'global/tls'",
+        "DELETE FROM public.maasserver_secret",
+        "INSERT INTO vault_redirect.deletion_queue (path, table_schema, table_name) VALUES ('global/tls', 'public', 'maasserver_secret')",
+        "SELECT * FROM vault_redirect.deletion_queue",
+    ] {
+        let error = nobody
+            .execute(statement, &[])
+            .expect_err("a role without privileges must not write");
+        assert_eq!(db_error(&error).code().code(), "42501", "{statement}: {}", describe(&error));
+    }
+    assert!(stack.kv_get("global/tls").is_some());
+}
