@@ -11,6 +11,9 @@ CREATE TABLE vault_redirect.secret_columns (
     path_column name,
     key_columns name[] NOT NULL DEFAULT '{}',
     path_prefix text NOT NULL DEFAULT '',
+    -- For a jsonb column of a wide table: the keys whose values are secret.
+    -- The other keys stay in the row. NULL: the whole value is secret.
+    secret_keys text[] CHECK (secret_keys IS NULL OR (shape = 'column' AND cardinality(secret_keys) > 0)),
     view_schema name NOT NULL,
     declared_at timestamptz NOT NULL DEFAULT now(),
     migrated_at timestamptz,

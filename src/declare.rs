@@ -55,6 +55,8 @@ pub struct Declaration {
     pub path_column: Option<String>,
     pub key_columns: Vec<String>,
     pub path_prefix: String,
+    /// The keys of a jsonb column that are secret, when not the whole value.
+    pub secret_keys: Option<Vec<String>>,
     pub view_schema: String,
     /// Whether migrate() moved the column's values to Vault; from then on
     /// the write trigger redirects every plaintext written to it.
@@ -117,6 +119,7 @@ fn declare_kv_table(
         path_column: Some(path_column.to_owned()),
         key_columns: Vec::new(),
         path_prefix: String::new(),
+        secret_keys: None,
         view_schema: view_schema.to_owned(),
         migrated: false,
     };
@@ -127,13 +130,16 @@ fn declare_kv_table(
 
 /// Declares a text or jsonb column of a wide table as a secret. Each row's
 /// KV path is `path_prefix/<primary key values>/<column>`, the prefix being
-/// `<schema>/<table>` unless given. Superuser only.
+/// `<schema>/<table>` unless given. For a jsonb column, `secret_keys` names
+/// the keys whose values are secret, and the other keys stay in the row.
+/// Superuser only.
 #[pg_extern(volatile, parallel_unsafe)]
 fn declare_column(
     table_name: &str,
     column_name: &str,
     path_prefix: default!(Option<&str>, "NULL"),
     view_schema: default!(&str, "'vault_redirect_resolved'"),
+    secret_keys: default!(Option<Vec<String>>, "NULL"),
 ) {
     require_superuser("vault_redirect.declare_column");
     let table = find_table(table_name).or_raise();
@@ -166,6 +172,9 @@ fn declare_column(
             .raise();
         }
     }
+    if let Some(keys) = &secret_keys {
+        check_secret_keys(&table, column_name, &column_type, keys);
+    }
     if key_columns.iter().any(|k| k == column_name) {
         Failure::invalid_parameter("column_name", column_name, "it is part of the primary key")
             .hint("Declare a column that holds a secret, not one that identifies the row.")
@@ -195,12 +204,53 @@ fn declare_column(
         path_column: None,
         key_columns,
         path_prefix: prefix,
+        secret_keys,
         view_schema: view_schema.to_owned(),
         migrated: false,
     };
     record(&declaration).or_raise();
     rebuild_view(&table).or_raise();
     crate::redirect::install_triggers(&table).or_raise();
+}
+
+/// Raises unless `keys` suits a jsonb column: one or more distinct, non-empty
+/// keys, none of them the reference marker.
+fn check_secret_keys(table: &Table, column: &str, column_type: &str, keys: &[String]) {
+    let shown = format!("{{{}}}", keys.join(","));
+    if column_type != "jsonb" {
+        Failure::invalid_parameter(
+            "secret_keys",
+            &shown,
+            format!(
+                "column \"{column}\" of {} is {column_type}, not jsonb",
+                table.display()
+            ),
+        )
+        .hint("Give secret_keys only for a jsonb column; a text column is secret as a whole.")
+        .raise();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for key in keys {
+        let reason = if key.is_empty() {
+            Some("a key is empty")
+        } else if key == crate::reference::JSON_KEY {
+            Some("the key \"$vault_redirect\" marks references")
+        } else if !seen.insert(key) {
+            Some("a key is given twice")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            Failure::invalid_parameter("secret_keys", &shown, reason)
+                .hint("Give each secret key once, such as ARRAY['power_pass', 'power_key'].")
+                .raise();
+        }
+    }
+    if keys.is_empty() {
+        Failure::invalid_parameter("secret_keys", &shown, "no key is given")
+            .hint("Give NULL to keep the whole value in Vault, or name the secret keys.")
+            .raise();
+    }
 }
 
 fn wrong_type(table: &Table, column: &str, found: &str, expected: &str) -> Failure {
@@ -331,7 +381,8 @@ fn record(declaration: &Declaration) -> Result<(), Failure> {
         let identical = same.shape == declaration.shape
             && same.path_column == declaration.path_column
             && same.key_columns == declaration.key_columns
-            && same.path_prefix == declaration.path_prefix;
+            && same.path_prefix == declaration.path_prefix
+            && same.secret_keys == declaration.secret_keys;
         if identical {
             return Ok(());
         }
@@ -348,8 +399,8 @@ fn record(declaration: &Declaration) -> Result<(), Failure> {
     Spi::run_with_args(
         "INSERT INTO vault_redirect.secret_columns
              (table_schema, table_name, column_name, shape, path_column,
-              key_columns, path_prefix, view_schema)
-         VALUES ($1, $2, $3, $4, $5, $6::name[], $7, $8)",
+              key_columns, path_prefix, view_schema, secret_keys)
+         VALUES ($1, $2, $3, $4, $5, $6::name[], $7, $8, $9)",
         &[
             declaration.table_schema.as_str().into(),
             declaration.table_name.as_str().into(),
@@ -359,6 +410,7 @@ fn record(declaration: &Declaration) -> Result<(), Failure> {
             declaration.key_columns.clone().into(),
             declaration.path_prefix.as_str().into(),
             declaration.view_schema.as_str().into(),
+            declaration.secret_keys.clone().into(),
         ],
     )?;
     Ok(())
@@ -372,7 +424,7 @@ pub fn load_declarations(table: Option<(&str, &str)>) -> Result<Vec<Declaration>
         let rows = client.select(
             "SELECT table_schema::text, table_name::text, column_name::text, shape,
                     path_column::text, key_columns::text[], path_prefix, view_schema::text,
-                    migrated_at IS NOT NULL
+                    migrated_at IS NOT NULL, secret_keys
                FROM vault_redirect.secret_columns
               WHERE $1 = '' OR (table_schema = $1 AND table_name = $2)
               ORDER BY table_schema, table_name, column_name",
@@ -391,6 +443,7 @@ pub fn load_declarations(table: Option<(&str, &str)>) -> Result<Vec<Declaration>
                 path_prefix: row.get(7)?.unwrap_or_default(),
                 view_schema: row.get(8)?.unwrap_or_default(),
                 migrated: row.get(9)?.unwrap_or(false),
+                secret_keys: row.get(10)?,
             });
         }
         Ok::<_, pgrx::spi::Error>(declarations)

@@ -157,7 +157,13 @@ fn migrate_column(declaration: &Declaration, dry_run: bool) -> Result<Counts, Fa
             counts.nulls += 1;
             return Ok(());
         };
-        let plan = plan(scan.is_json, value, &row.path, &row.label)?;
+        let plan = plan(
+            declaration.secret_keys.as_deref(),
+            scan.is_json,
+            value,
+            &row.path,
+            &row.label,
+        )?;
         let Plan::Move {
             path,
             data,
@@ -195,7 +201,14 @@ fn migrate_column(declaration: &Declaration, dry_run: bool) -> Result<Counts, Fa
 /// reference, else the KV data to write at `expected` and the reference
 /// that replaces it. Any other value, a reference to another path
 /// included, is plaintext.
-pub fn plan(is_json: bool, value: &str, expected: &str, row: &str) -> Result<Plan, Failure> {
+/// With `secret_keys`, only those keys of a jsonb object go to Vault.
+pub fn plan(
+    secret_keys: Option<&[String]>,
+    is_json: bool,
+    value: &str,
+    expected: &str,
+    row: &str,
+) -> Result<Plan, Failure> {
     let (data, reference) = if is_json {
         let parsed: Value = serde_json::from_str(value).map_err(|e| {
             Failure::new(
@@ -203,12 +216,19 @@ pub fn plan(is_json: bool, value: &str, expected: &str, row: &str) -> Result<Pla
                 format!("{row}: the jsonb value could not be read: {e}"),
             )
         })?;
-        // A value shaped like a reference to another path is plaintext.
-        if matches!(reference::parse_json(&parsed), Some((target, _)) if target == expected) {
-            return Ok(Plan::Skip);
+        if let Some(keys) = secret_keys {
+            match plan_secret_keys(keys, &parsed, expected, row)? {
+                Some(split) => split,
+                None => return Ok(Plan::Skip),
+            }
+        } else {
+            // A value shaped like a reference to another path is plaintext.
+            if matches!(reference::parse_json(&parsed), Some((target, _)) if target == expected) {
+                return Ok(Plan::Skip);
+            }
+            let (data, key) = reference::json_to_kv(parsed);
+            (data, reference::json_reference(expected, key).to_string())
         }
-        let (data, key) = reference::json_to_kv(parsed);
-        (data, reference::json_reference(expected, key).to_string())
     } else {
         if value.strip_prefix(reference::TEXT_PREFIX) == Some(expected) {
             return Ok(Plan::Skip);
@@ -235,6 +255,55 @@ pub fn plan(is_json: bool, value: &str, expected: &str, row: &str) -> Result<Pla
         data,
         reference,
     })
+}
+
+/// The KV data of a row and the reference that replaces it in the row.
+type Split = (Map<String, Value>, String);
+
+/// Splits a jsonb object of a column declared with secret keys. Returns
+/// `None` when there is nothing to write: no secret key in the value, or
+/// the row's own marker without secret keys next to it. Secret keys next
+/// to the row's own marker are new values for those keys, merged into the
+/// entry's other keys.
+fn plan_secret_keys(
+    keys: &[String],
+    parsed: &Value,
+    expected: &str,
+    row: &str,
+) -> Result<Option<Split>, Failure> {
+    let own = match reference::marker(parsed) {
+        Some(target) if target == expected => true,
+        Some(other) => return Err(Failure::new(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!(
+                "{row}: the key \"{}\" is reserved, and the value names \"{other}\"",
+                reference::JSON_KEY
+            ),
+        )
+        .hint(
+            "Remove that key from the value: it marks where the secret keys of the row are kept.",
+        )),
+        None => false,
+    };
+    let Some((secret, rest)) = reference::split_secret_keys(parsed, keys) else {
+        return Ok(None);
+    };
+    let data = match own {
+        true => {
+            let mut current = match crate::read::fetch(expected) {
+                Ok(entry) => entry.data,
+                Err(f) if f.code == PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT => Map::new(),
+                Err(f) => return Err(f.context(row)),
+            };
+            current.extend(secret);
+            current
+        }
+        false => secret,
+    };
+    let mut rest = rest;
+    rest.remove(reference::JSON_KEY);
+    let reference = reference::partial_reference(rest, expected).to_string();
+    Ok(Some((data, reference)))
 }
 
 /// Raises when a reference does not fit a length-limited column.

@@ -214,7 +214,7 @@ impl RowImage {
 pub fn is_own_reference(is_json: bool, value: &str, path: &str) -> bool {
     if is_json {
         let parsed: serde_json::Value = serde_json::from_str(value).unwrap_or_default();
-        matches!(reference::parse_json(&parsed), Some((target, _)) if target == path)
+        reference::marker(&parsed) == Some(path)
     } else {
         value.strip_prefix(reference::TEXT_PREFIX) == Some(path)
     }
@@ -257,61 +257,67 @@ fn redirect_write<'a>(
             .or_raise();
         let (is_json, max_chars) = new_image.column_shape(attno);
         let (path, label) = new_image.identity(declaration).or_raise();
-        let value = new_image.text(attno);
-        // A row whose key changed leaves its old entry behind; the value, if
-        // still the old reference, moves to the new path.
-        let mut moved_from = None;
-        if let Some(old) = &old_image {
-            let (old_path, _) = old.identity(declaration).or_raise();
-            let old_value = old.text(attno);
-            let old_is_reference = old_value
-                .as_deref()
-                .is_some_and(|v| is_own_reference(is_json, v, &old_path));
-            if old_is_reference && old_path != path {
-                queue_deletion(&old_path, declaration).or_raise();
-                if value == old_value {
-                    moved_from = Some(old_path);
-                }
-            } else if old_is_reference && value.is_none() {
-                queue_deletion(&old_path, declaration).or_raise();
-            }
-        }
-        let Some(value) = value else {
-            continue;
-        };
         let column = format!(
             "{}.{}",
             declaration.display_table(),
             declaration.column_name
         );
-        if let Some(old_path) = moved_from {
-            let entry = crate::read::fetch(&old_path)
-                .map_err(|f| f.context(&label))
-                .or_raise();
-            let reference =
-                match reference::parse_json(&serde_json::from_str(&value).unwrap_or_default()) {
-                    Some((_, key)) if is_json => {
-                        reference::json_reference(&path, key.as_deref()).to_string()
-                    }
-                    _ => reference::text_reference(&path),
-                };
-            check_length(&reference, max_chars, &label, &column).or_raise();
-            let kv_path = checked_path(&path, &label).or_raise();
-            pending::add(kv_path, entry.data, label.clone());
-            changes.push((attno, reference));
-            continue;
-        }
-        let Plan::Move {
-            path: kv_path,
-            data,
-            reference,
-        } = plan(is_json, &value, &path, &label).or_raise()
-        else {
-            continue;
+        let value = new_image.text(attno);
+        // The path of the entry the old row referred to, if it did.
+        let old_reference = old_image.as_ref().and_then(|old| {
+            let (old_path, _) = old.identity(declaration).or_raise();
+            let old_value = old.text(attno)?;
+            is_own_reference(is_json, &old_value, &old_path).then_some((old_path, old_value))
+        });
+        let new_reference = match (&value, &old_reference) {
+            (None, _) => None,
+            // The key changed and the value is still the old reference: the
+            // secret moves to the new path.
+            (Some(value), Some((old_path, old_value)))
+                if old_path != &path && value == old_value =>
+            {
+                let entry = crate::read::fetch(old_path)
+                    .map_err(|f| f.context(&label))
+                    .or_raise();
+                let reference = moved_reference(declaration, is_json, value, &path);
+                check_length(&reference, max_chars, &label, &column).or_raise();
+                pending::add(
+                    checked_path(&path, &label).or_raise(),
+                    entry.data,
+                    label.clone(),
+                );
+                changes.push((attno, reference));
+                Some(path.clone())
+            }
+            (Some(value), _) => match plan(
+                declaration.secret_keys.as_deref(),
+                is_json,
+                value,
+                &path,
+                &label,
+            )
+            .or_raise()
+            {
+                Plan::Move {
+                    path: kv_path,
+                    data,
+                    reference,
+                } => {
+                    check_length(&reference, max_chars, &label, &column).or_raise();
+                    pending::add(kv_path, data, label);
+                    changes.push((attno, reference));
+                    Some(path.clone())
+                }
+                Plan::Skip => is_own_reference(is_json, value, &path).then(|| path.clone()),
+            },
         };
-        check_length(&reference, max_chars, &label, &column).or_raise();
-        pending::add(kv_path, data, label);
-        changes.push((attno, reference));
+        // An entry that no longer has a row referring to it is deleted
+        // after the commit.
+        if let Some((old_path, _)) = old_reference {
+            if new_reference.as_ref() != Some(&old_path) {
+                queue_deletion(&old_path, declaration).or_raise();
+            }
+        }
     }
     for (attno, reference) in changes {
         let datum = new_image.datum_from_text(attno, &reference);
@@ -320,6 +326,23 @@ fn redirect_write<'a>(
         unsafe { new.set_by_index_unchecked(attno, Some(datum)) };
     }
     Ok(Some(new))
+}
+
+/// Returns the reference a moved row gets at its new path, of the same
+/// shape as its old one.
+fn moved_reference(declaration: &Declaration, is_json: bool, value: &str, path: &str) -> String {
+    if !is_json {
+        return reference::text_reference(path);
+    }
+    let parsed: serde_json::Value = serde_json::from_str(value).unwrap_or_default();
+    match (&declaration.secret_keys, reference::parse_json(&parsed)) {
+        (None, Some((_, key))) => reference::json_reference(path, key.as_deref()).to_string(),
+        _ => {
+            let mut rest = parsed.as_object().cloned().unwrap_or_default();
+            rest.remove(reference::JSON_KEY);
+            reference::partial_reference(rest, path).to_string()
+        }
+    }
 }
 
 fn checked_path(path: &str, label: &str) -> Result<KvPath, Failure> {

@@ -6,6 +6,9 @@
 //!   `{"$vault_redirect": "<path>", "key": "secret"}` when it was a scalar or
 //!   an array, kept under that key as MAAS does.
 //! - text column: `$vault_redirect:<path>`, the value under key `secret`.
+//! - jsonb column declared with secret keys: the object without those keys,
+//!   plus `"$vault_redirect": "<path>"`. The KV entry contains the secret
+//!   keys only.
 //!
 //! `<path>` is relative to the configured secrets path. A value is a
 //! reference only when it is exactly the reference its own row would get.
@@ -153,4 +156,43 @@ pub fn row_keys(prefix: &str, key_count: usize, column: &str, path: &str) -> Opt
         return None;
     }
     Some(keys.iter().map(|k| unescape_segment(k)).collect())
+}
+
+/// Returns the path of the marker key of a jsonb object, if it has one.
+pub fn marker(value: &Value) -> Option<&str> {
+    value.as_object()?.get(JSON_KEY)?.as_str()
+}
+
+/// Splits a jsonb object into the values of its secret keys and the rest.
+/// Returns `None` when the value is not an object or has no secret key.
+pub fn split_secret_keys(
+    value: &Value,
+    keys: &[String],
+) -> Option<(Map<String, Value>, Map<String, Value>)> {
+    let object = value.as_object()?;
+    let mut secret = Map::new();
+    let mut rest = Map::new();
+    for (key, item) in object {
+        match keys.contains(key) {
+            true => secret.insert(key.clone(), item.clone()),
+            false => rest.insert(key.clone(), item.clone()),
+        };
+    }
+    (!secret.is_empty()).then_some((secret, rest))
+}
+
+/// Returns the row value of a jsonb object whose secret keys went to Vault:
+/// the other keys and the marker.
+pub fn partial_reference(mut rest: Map<String, Value>, path: &str) -> Value {
+    rest.insert(JSON_KEY.into(), Value::String(path.into()));
+    Value::Object(rest)
+}
+
+/// Returns the plaintext of a row value with a marker: its other keys and
+/// the secret keys read from Vault.
+pub fn merge_secret_keys(value: &Value, data: Map<String, Value>) -> Value {
+    let mut merged = value.as_object().cloned().unwrap_or_default();
+    merged.remove(JSON_KEY);
+    merged.extend(data);
+    Value::Object(merged)
 }

@@ -54,11 +54,21 @@ fn resolve_column_jsonb(
     value: Option<JsonB>,
 ) -> Option<JsonB> {
     let JsonB(value) = value?;
-    let Some((target, key)) = reference::parse_json(&value) else {
+    let Some(target) = reference::marker(&value).map(str::to_owned) else {
         return Some(JsonB(value));
     };
-    let Some(row) = own_row(
-        table_oid,
+    let declaration = declared(table_oid, column_name).or_raise();
+    // A column declared with secret keys keeps its other keys next to the
+    // marker; any other column's reference is the marker and a key at most.
+    let key = match &declaration.secret_keys {
+        Some(_) => None,
+        None => match reference::parse_json(&value) {
+            Some((_, key)) => key,
+            None => return Some(JsonB(value)),
+        },
+    };
+    let Some(row) = own_row_of(
+        &declaration,
         column_name,
         key_values,
         &target,
@@ -67,6 +77,10 @@ fn resolve_column_jsonb(
     ) else {
         return Some(JsonB(value));
     };
+    if declaration.secret_keys.is_some() {
+        let entry = fetch(&target).map_err(|f| f.context(&row)).or_raise();
+        return Some(JsonB(reference::merge_secret_keys(&value, entry.data)));
+    }
     Some(JsonB(resolve_json(&target, key.as_deref(), &row)))
 }
 
@@ -104,6 +118,24 @@ fn own_row(
     is_json: bool,
 ) -> Option<String> {
     let declaration = declared(table_oid, column_name).or_raise();
+    own_row_of(
+        &declaration,
+        column_name,
+        key_values,
+        target,
+        value,
+        is_json,
+    )
+}
+
+fn own_row_of(
+    declaration: &Declaration,
+    column_name: &str,
+    key_values: Option<Vec<Option<String>>>,
+    target: &str,
+    value: &str,
+    is_json: bool,
+) -> Option<String> {
     let keys = key_values.unwrap_or_default();
     let (expected, row) = row_identity(
         &declaration.display_table(),
@@ -114,7 +146,7 @@ fn own_row(
     if target != expected || declaration.path_column.is_some() {
         return None;
     }
-    check_visible(&declaration, &flatten(&keys), value, is_json).or_raise();
+    check_visible(declaration, &flatten(&keys), value, is_json).or_raise();
     Some(row)
 }
 

@@ -55,6 +55,12 @@ impl<'a> ColumnScan<'a> {
         })
     }
 
+    /// Returns the keys of a jsonb column that are secret, when not the
+    /// whole value.
+    pub fn secret_keys(&self) -> Option<&[String]> {
+        self.declaration.secret_keys.as_deref()
+    }
+
     /// Holds off writers to the table until the transaction ends; readers
     /// go on.
     pub fn lock(&self) -> Result<(), Failure> {

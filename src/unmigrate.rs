@@ -22,7 +22,11 @@ fn reference_of(scan: &ColumnScan, row: &Row) -> Result<Option<Option<String>>, 
     };
     let (target, key) = if scan.is_json {
         let parsed: Value = serde_json::from_str(value).unwrap_or(Value::Null);
-        match reference::parse_json(&parsed) {
+        let found = match scan.secret_keys() {
+            Some(_) => reference::marker(&parsed).map(|target| (target.to_owned(), None)),
+            None => reference::parse_json(&parsed),
+        };
+        match found {
             Some(found) => found,
             None => return Ok(None),
         }
@@ -51,7 +55,11 @@ fn plaintext(scan: &ColumnScan, row: &Row, key: Option<&str>) -> Result<String, 
         )
         .detail(reason)
     };
-    if scan.is_json {
+    if let (true, Some(_)) = (scan.is_json, scan.secret_keys()) {
+        let stored: Value =
+            serde_json::from_str(row.value.as_deref().unwrap_or("{}")).unwrap_or(Value::Null);
+        Ok(reference::merge_secret_keys(&stored, entry.data).to_string())
+    } else if scan.is_json {
         let value = reference::kv_to_json(entry.data, key).map_err(missing)?;
         Ok(value.to_string())
     } else {
@@ -269,7 +277,13 @@ fn delete_column_entries(
         }
         let expected = if scan.is_json {
             let parsed: Value = serde_json::from_str(value).unwrap_or(Value::Null);
-            reference::json_to_kv(parsed).0
+            match scan.secret_keys() {
+                Some(keys) => match reference::split_secret_keys(&parsed, keys) {
+                    Some((secret, _)) => secret,
+                    None => return Ok(()),
+                },
+                None => reference::json_to_kv(parsed).0,
+            }
         } else {
             reference::text_to_kv(value)
         };

@@ -639,3 +639,179 @@ fn role_without_privileges_cannot_write() {
     }
     assert!(stack.kv_get("global/tls").is_some());
 }
+
+/// Starts a stack whose BMC power parameters keep only `power_pass` and
+/// `power_key` in Vault, migrated.
+fn secret_keys_stack() -> Stack {
+    let stack = Stack::configured(&["token_no_default_policy=true"]);
+    stack.pg.psql(vault_redirect_tests::stack::MAAS_FIXTURE);
+    stack.pg.psql(
+        "SELECT vault_redirect.declare_kv_table('public.maasserver_secret', 'path', 'value');
+         SELECT vault_redirect.declare_column('public.maasserver_bmc', 'power_parameters',
+                secret_keys => ARRAY['power_pass', 'power_key']);
+         SELECT * FROM vault_redirect.migrate();
+         CREATE ROLE app LOGIN;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON public.maasserver_bmc TO app;
+         GRANT USAGE ON SCHEMA vault_redirect_resolved TO app;
+         GRANT SELECT ON vault_redirect_resolved.maasserver_bmc TO app;",
+    );
+    stack
+}
+
+fn bmc_row(client: &mut Client, id: i64) -> Value {
+    client
+        .query_one(
+            "SELECT power_parameters FROM maasserver_bmc WHERE id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0)
+}
+
+fn bmc_view(client: &mut Client, id: i64) -> Value {
+    client
+        .query_one(
+            "SELECT power_parameters FROM vault_redirect_resolved.maasserver_bmc WHERE id = $1",
+            &[&id],
+        )
+        .unwrap_or_else(|e| panic!("reading BMC {id} failed: {}", describe(&e)))
+        .get(0)
+}
+
+#[test]
+fn secret_keys_split_and_merge() {
+    let stack = secret_keys_stack();
+    let mut app = stack.pg.connect("app");
+    let path = |id: i64| format!("public/maasserver_bmc/{id}/power_parameters");
+
+    // migrate() moved only the secret keys.
+    assert_eq!(
+        bmc_row(&mut app, 1),
+        json!({ "power_address": "192.0.2.11", "power_user": "maas", "$vault_redirect": path(1) })
+    );
+    assert_eq!(
+        stack.kv_get(&path(1)),
+        Some(json!({ "power_pass": "test-bmc-pass-1111" }))
+    );
+    assert_eq!(
+        bmc_view(&mut app, 1),
+        json!({ "power_address": "192.0.2.11", "power_user": "maas", "power_pass": "test-bmc-pass-1111" })
+    );
+    // A row without secret keys stays as it is.
+    assert_eq!(bmc_row(&mut app, 16), json!({}));
+    assert_eq!(stack.kv_get(&path(16)), None);
+    assert_eq!(bmc_view(&mut app, 16), json!({}));
+
+    // An insert splits the object the same way.
+    let params =
+        json!({ "power_address": "192.0.2.50", "power_pass": "w-p50", "power_key": "w-k50" });
+    app.execute(
+        "INSERT INTO maasserver_bmc (id, power_type, power_parameters) VALUES (50, 'ipmi', $1)",
+        &[&params],
+    )
+    .unwrap();
+    assert_eq!(
+        bmc_row(&mut app, 50),
+        json!({ "power_address": "192.0.2.50", "$vault_redirect": path(50) })
+    );
+    assert_eq!(
+        stack.kv_get(&path(50)),
+        Some(json!({ "power_pass": "w-p50", "power_key": "w-k50" }))
+    );
+    assert_eq!(bmc_view(&mut app, 50), params);
+
+    // Changing a key that is not secret sends nothing to Vault.
+    app.execute(
+        "UPDATE maasserver_bmc SET power_parameters = power_parameters || '{\"power_user\": \"root\"}'
+          WHERE id = 50",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        stack.kv_get(&path(50)),
+        Some(json!({ "power_pass": "w-p50", "power_key": "w-k50" }))
+    );
+    assert_eq!(bmc_view(&mut app, 50)["power_user"], json!("root"));
+
+    // A secret key merged into the stored row replaces that key only.
+    app.execute(
+        "UPDATE maasserver_bmc SET power_parameters = power_parameters || '{\"power_pass\": \"w-p50-new\"}'
+          WHERE id = 50",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        stack.kv_get(&path(50)),
+        Some(json!({ "power_pass": "w-p50-new", "power_key": "w-k50" }))
+    );
+    assert!(bmc_row(&mut app, 50).get("power_pass").is_none());
+
+    // The marker key is reserved.
+    let error = app
+        .execute(
+            "INSERT INTO maasserver_bmc (id, power_type, power_parameters)
+             VALUES (51, 'ipmi', '{\"$vault_redirect\": \"global/rpc-shared\", \"power_pass\": \"x\"}')",
+            &[],
+        )
+        .expect_err("a value naming another path must be rejected");
+    let db = db_error(&error);
+    assert_eq!(db.code().code(), "22023", "{}", describe(&error));
+    assert!(db.message().contains("row (51)"), "{}", describe(&error));
+
+    // The fixture's own secrets were in the WAL before the migration; what
+    // was written since never is.
+    let files = heap_and_wal(&stack, "public.maasserver_bmc");
+    for plaintext in ["w-p50", "w-k50"] {
+        assert!(
+            !contains_bytes(&files, plaintext),
+            "{plaintext} is in the heap or WAL"
+        );
+    }
+
+    // unmigrate() puts the objects back together.
+    let mut admin = stack.superuser();
+    admin
+        .batch_execute("SELECT * FROM vault_redirect.unmigrate()")
+        .unwrap_or_else(|e| panic!("unmigrate failed: {}", describe(&e)));
+    assert_eq!(
+        bmc_row(&mut admin, 1),
+        json!({ "power_address": "192.0.2.11", "power_user": "maas", "power_pass": "test-bmc-pass-1111" })
+    );
+    assert_eq!(
+        bmc_row(&mut admin, 50),
+        json!({ "power_address": "192.0.2.50", "power_user": "root", "power_pass": "w-p50-new", "power_key": "w-k50" })
+    );
+    assert_eq!(bmc_row(&mut admin, 16), json!({}));
+}
+
+#[test]
+fn secret_keys_invalid_declarations() {
+    let stack = Stack::configured(&[]);
+    stack.pg.psql(vault_redirect_tests::stack::MAAS_FIXTURE);
+    let mut admin = stack.superuser();
+    for (keys, column) in [
+        ("ARRAY['power_pass']", "power_type"),
+        ("ARRAY[]::text[]", "power_parameters"),
+        ("ARRAY['power_pass', 'power_pass']", "power_parameters"),
+        ("ARRAY['']", "power_parameters"),
+        ("ARRAY['$vault_redirect']", "power_parameters"),
+    ] {
+        let error = admin
+            .execute(
+                &format!(
+                    "SELECT vault_redirect.declare_column('public.maasserver_bmc', '{column}', secret_keys => {keys})"
+                ),
+                &[],
+            )
+            .expect_err("an invalid declaration must be rejected");
+        let db = db_error(&error);
+        assert_eq!(
+            db.code().code(),
+            "22023",
+            "{keys} on {column}: {}",
+            describe(&error)
+        );
+        assert!(db.message().contains("secret_keys"), "{}", describe(&error));
+        assert!(db.hint().is_some(), "{keys}: no hint");
+    }
+}
