@@ -18,6 +18,7 @@ mod resolve;
 mod rows;
 mod servers;
 mod status;
+mod transparent;
 mod unmigrate;
 mod vault;
 
@@ -29,6 +30,7 @@ extension_sql_file!("../sql/finalize.sql", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::register();
+    transparent::install();
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use crate::errors::{Failure, OrRaise};
 use crate::query::{select_by_value, select_value, Snapshot};
 use crate::read::fetch;
 use crate::reference;
+use crate::transparent::Suspended;
 
 /// Resolves the value column of a declared key/value table.
 #[pg_extern(stable, parallel_unsafe, cost = 10000)]
@@ -111,6 +112,7 @@ fn kv(
     path: Option<&str>,
     value: Option<JsonB>,
 ) -> Option<JsonB> {
+    let _suspended = Suspended::new();
     let JsonB(value) = value?;
     let Some((target, key)) = reference::parse_json(&value) else {
         return Some(JsonB(value));
@@ -142,6 +144,7 @@ fn column_jsonb(
     key_values: Option<Vec<Option<String>>>,
     value: Option<JsonB>,
 ) -> Option<JsonB> {
+    let _suspended = Suspended::new();
     let JsonB(value) = value?;
     let Some((target, key)) = reference::parse_json(&value) else {
         return Some(JsonB(value));
@@ -167,6 +170,7 @@ fn column_text(
     key_values: Option<Vec<Option<String>>>,
     value: Option<&str>,
 ) -> Option<String> {
+    let _suspended = Suspended::new();
     let value = value?;
     let Some(target) = value.strip_prefix(reference::TEXT_PREFIX) else {
         return Some(value.to_owned());
