@@ -14,7 +14,8 @@
 -- Granted by the DBA to chosen roles: read and read_json read any entry
 -- under the secrets path; status and migration_progress show no secret.
 --
--- Every role: the resolve_* functions that the resolved views call. They
+-- Every role: the resolve_* functions that the resolved views and
+-- transparent reads call, the *_written twins included. They
 -- resolve a reference only for a declared column and only when a row with
 -- that key and that reference is visible to the calling role, so they give
 -- no more than SELECT on the declared table already gives. They read the
@@ -27,3 +28,6 @@ GRANT SELECT ON vault_redirect.secret_columns TO PUBLIC;
 GRANT EXECUTE ON FUNCTION vault_redirect.resolve_kv(oid, text, text, jsonb) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION vault_redirect.resolve_column_jsonb(oid, text, text[], jsonb) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION vault_redirect.resolve_column_text(oid, text, text[], text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION vault_redirect.resolve_kv_written(oid, text, text, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION vault_redirect.resolve_column_jsonb_written(oid, text, text[], jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION vault_redirect.resolve_column_text_written(oid, text, text[], text) TO PUBLIC;

@@ -88,6 +88,8 @@ fn declare_kv_table(
     view_schema: default!(&str, "'vault_redirect_resolved'"),
 ) {
     require_superuser("vault_redirect.declare_kv_table");
+    // Its queries must read the stored references, not resolved values.
+    let _suspended = crate::transparent::Suspended::new();
     let table = find_table(table_name).or_raise();
     let path_type = column_type(&table, path_column).or_raise();
     if !matches!(path_type.as_str(), "text" | "character varying") {
@@ -142,6 +144,8 @@ fn declare_column(
     secret_keys: default!(Option<Vec<String>>, "NULL"),
 ) {
     require_superuser("vault_redirect.declare_column");
+    // Its queries must read the stored references, not resolved values.
+    let _suspended = crate::transparent::Suspended::new();
     let table = find_table(table_name).or_raise();
     let column_type = column_type(&table, column_name).or_raise();
     if !matches!(column_type.as_str(), "text" | "character varying" | "jsonb") {
@@ -566,6 +570,8 @@ fn rebuild_view(table: &Table) -> Result<(), Failure> {
 #[pg_extern(volatile, parallel_unsafe)]
 fn undeclare(table_schema: &str, table_name: &str, column_name: &str) {
     require_superuser("vault_redirect.undeclare");
+    // Its queries must read the stored references, not resolved values.
+    let _suspended = crate::transparent::Suspended::new();
     let declaration = load_declarations(Some((table_schema, table_name)))
         .or_raise()
         .into_iter()

@@ -142,6 +142,7 @@ struct Run {
 /// Handles up to `BATCH` queue entries in the current transaction. Stops at
 /// the first Vault failure, which it records on the entry.
 fn process_batch() -> Result<Run, Failure> {
+    let _suspended = crate::transparent::Suspended::new();
     let queued = Spi::connect(|client| {
         let rows = client.select(
             "SELECT path FROM vault_redirect.deletion_queue
@@ -297,6 +298,7 @@ fn gc(
     dry_run: default!(bool, true),
 ) -> TableIterator<'static, (name!(path, String), name!(action, String))> {
     require_superuser("vault_redirect.gc");
+    let _suspended = crate::transparent::Suspended::new();
     let declarations = declare::load_declarations(None).or_raise();
     hold_off_writers(&declarations).or_raise();
     let mut used: BTreeSet<String> = queued_paths().or_raise();

@@ -1,7 +1,7 @@
 //! Settings. Each is `vault_redirect.<name>`; none contains a secret. Those that
 //! decide which server is trusted can be set by superusers only.
 
-use std::ffi::CString;
+use std::ffi::{c_void, CString};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,6 +31,10 @@ pub static TLS_SERVER_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CS
 
 /// Skip certificate verification. Default off; a WARNING each statement.
 pub static TLS_SKIP_VERIFY: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// Resolve secrets in queries on declared tables themselves, through the
+/// post_parse_analyze hook of `crate::transparent`. Default off.
+pub static TRANSPARENT_READS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn register() {
     GucRegistry::define_int_guc(
@@ -103,6 +107,31 @@ pub fn register() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // SAFETY: the assign hook is a #[pg_guard] function, as pgrx requires.
+    unsafe {
+        GucRegistry::define_bool_guc_with_hooks(
+            c"vault_redirect.transparent_reads",
+            c"Return secrets in plaintext from queries on the declared tables themselves.",
+            c"Takes effect for statements parsed after it is set; needs vault_redirect in session_preload_libraries or shared_preload_libraries.",
+            &TRANSPARENT_READS,
+            GucContext::Userset,
+            GucFlags::default(),
+            None,
+            Some(assign_transparent_reads),
+            None,
+        );
+    }
+}
+
+/// Invalidates every cached plan when the setting changes, so that prepared
+/// statements and PL/pgSQL plans are parsed again under the new value.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn assign_transparent_reads(new_value: bool, _extra: *mut c_void) {
+    if new_value != TRANSPARENT_READS.get() {
+        // SAFETY: ResetPlanCache only marks the backend's cached plans
+        // invalid; it reads no catalog and cannot fail.
+        unsafe { pgrx::pg_sys::ResetPlanCache() };
+    }
 }
 
 pub fn connect_timeout() -> Duration {

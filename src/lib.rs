@@ -21,6 +21,7 @@ mod resolve;
 mod rows;
 mod servers;
 mod status;
+mod transparent;
 mod unmigrate;
 mod vault;
 
@@ -33,6 +34,7 @@ extension_sql_file!("../sql/finalize.sql", finalize);
 pub extern "C-unwind" fn _PG_init() {
     gucs::register();
     pending::register_callbacks();
+    transparent::install();
 }
 
 #[cfg(test)]

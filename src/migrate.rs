@@ -35,6 +35,8 @@ fn migrate(
     ),
 > {
     require_superuser("vault_redirect.migrate");
+    // Its queries must read the stored references, not resolved values.
+    let _suspended = crate::transparent::Suspended::new();
     servers::mark_reminded();
     lock_migration();
     let declarations = declare::load_declarations(None).or_raise();

@@ -227,6 +227,7 @@ pub fn is_own_reference(is_json: bool, value: &str, path: &str) -> bool {
 fn redirect_write<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
+    let _suspended = crate::transparent::Suspended::new();
     let data = trigger.trigger_data();
     let is_update = trigger.event().fired_by_update();
     let Some(new) = trigger.new() else {
@@ -359,6 +360,7 @@ fn checked_path(path: &str, label: &str) -> Result<KvPath, Failure> {
 fn redirect_delete<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
+    let _suspended = crate::transparent::Suspended::new();
     let data = trigger.trigger_data();
     let declarations = migrated_declarations(trigger);
     // SAFETY: tg_relation is open for the whole trigger call.
@@ -386,6 +388,7 @@ fn redirect_delete<'a>(
 fn redirect_truncate<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
+    let _suspended = crate::transparent::Suspended::new();
     for declaration in migrated_declarations(trigger) {
         let scan = ColumnScan::new(&declaration).or_raise();
         scan.for_each(|_, row| {

@@ -7,6 +7,12 @@
 //! reference that row's key gives under the declaration, and (3) a row with
 //! that key and that value is visible to the calling role, with its table
 //! privileges, column privileges and row-level security applied.
+//!
+//! Each comes twice. The STABLE one checks (3) with the calling statement's
+//! snapshot, which suits SELECT, UPDATE's SET expressions and DELETE's
+//! RETURNING. The VOLATILE `*_written` twin checks it with a fresh snapshot
+//! that includes the rows the calling statement wrote, for RETURNING of
+//! INSERT and UPDATE and for INSERT ... ON CONFLICT DO UPDATE SET.
 
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -16,9 +22,10 @@ use serde_json::Value;
 
 use crate::declare::{self, Declaration};
 use crate::errors::{Failure, OrRaise};
-use crate::query::select_value;
+use crate::query::{select_by_value, select_value, Snapshot};
 use crate::read::fetch;
 use crate::reference;
+use crate::transparent::Suspended;
 
 /// Resolves the value column of a declared key/value table.
 #[pg_extern(stable, parallel_unsafe, cost = 10000)]
@@ -28,6 +35,84 @@ fn resolve_kv(
     path: Option<&str>,
     value: Option<JsonB>,
 ) -> Option<JsonB> {
+    kv(Snapshot::Statement, table_oid, column_name, path, value)
+}
+
+/// Like `resolve_kv`, for rows the calling statement wrote.
+#[pg_extern(volatile, parallel_unsafe, cost = 10000)]
+fn resolve_kv_written(
+    table_oid: pg_sys::Oid,
+    column_name: &str,
+    path: Option<&str>,
+    value: Option<JsonB>,
+) -> Option<JsonB> {
+    kv(Snapshot::Fresh, table_oid, column_name, path, value)
+}
+
+/// Resolves a declared jsonb column of a wide table.
+#[pg_extern(stable, parallel_unsafe, cost = 10000)]
+fn resolve_column_jsonb(
+    table_oid: pg_sys::Oid,
+    column_name: &str,
+    key_values: Option<Vec<Option<String>>>,
+    value: Option<JsonB>,
+) -> Option<JsonB> {
+    column_jsonb(
+        Snapshot::Statement,
+        table_oid,
+        column_name,
+        key_values,
+        value,
+    )
+}
+
+/// Like `resolve_column_jsonb`, for rows the calling statement wrote.
+#[pg_extern(volatile, parallel_unsafe, cost = 10000)]
+fn resolve_column_jsonb_written(
+    table_oid: pg_sys::Oid,
+    column_name: &str,
+    key_values: Option<Vec<Option<String>>>,
+    value: Option<JsonB>,
+) -> Option<JsonB> {
+    column_jsonb(Snapshot::Fresh, table_oid, column_name, key_values, value)
+}
+
+/// Resolves a declared text column of a wide table.
+#[pg_extern(stable, parallel_unsafe, cost = 10000)]
+fn resolve_column_text(
+    table_oid: pg_sys::Oid,
+    column_name: &str,
+    key_values: Option<Vec<Option<String>>>,
+    value: Option<&str>,
+) -> Option<String> {
+    column_text(
+        Snapshot::Statement,
+        table_oid,
+        column_name,
+        key_values,
+        value,
+    )
+}
+
+/// Like `resolve_column_text`, for rows the calling statement wrote.
+#[pg_extern(volatile, parallel_unsafe, cost = 10000)]
+fn resolve_column_text_written(
+    table_oid: pg_sys::Oid,
+    column_name: &str,
+    key_values: Option<Vec<Option<String>>>,
+    value: Option<&str>,
+) -> Option<String> {
+    column_text(Snapshot::Fresh, table_oid, column_name, key_values, value)
+}
+
+fn kv(
+    snapshot: Snapshot,
+    table_oid: pg_sys::Oid,
+    column_name: &str,
+    path: Option<&str>,
+    value: Option<JsonB>,
+) -> Option<JsonB> {
+    let _suspended = Suspended::new();
     let JsonB(value) = value?;
     let Some((target, key)) = reference::parse_json(&value) else {
         return Some(JsonB(value));
@@ -41,18 +126,25 @@ fn resolve_kv(
         "row with path \"{path}\" of {}",
         declaration.display_table()
     );
-    check_visible(&declaration, &[path.to_owned()], &value.to_string(), true).or_raise();
+    check_visible(
+        &declaration,
+        &[path.to_owned()],
+        &value.to_string(),
+        true,
+        snapshot,
+    )
+    .or_raise();
     Some(JsonB(resolve_json(&target, key.as_deref(), &row)))
 }
 
-/// Resolves a declared jsonb column of a wide table.
-#[pg_extern(stable, parallel_unsafe, cost = 10000)]
-fn resolve_column_jsonb(
+fn column_jsonb(
+    snapshot: Snapshot,
     table_oid: pg_sys::Oid,
     column_name: &str,
     key_values: Option<Vec<Option<String>>>,
     value: Option<JsonB>,
 ) -> Option<JsonB> {
+    let _suspended = Suspended::new();
     let JsonB(value) = value?;
     let Some(target) = reference::marker(&value).map(str::to_owned) else {
         return Some(JsonB(value));
@@ -74,6 +166,7 @@ fn resolve_column_jsonb(
         &target,
         &value.to_string(),
         true,
+        snapshot,
     ) else {
         return Some(JsonB(value));
     };
@@ -84,19 +177,27 @@ fn resolve_column_jsonb(
     Some(JsonB(resolve_json(&target, key.as_deref(), &row)))
 }
 
-/// Resolves a declared text column of a wide table.
-#[pg_extern(stable, parallel_unsafe, cost = 10000)]
-fn resolve_column_text(
+fn column_text(
+    snapshot: Snapshot,
     table_oid: pg_sys::Oid,
     column_name: &str,
     key_values: Option<Vec<Option<String>>>,
     value: Option<&str>,
 ) -> Option<String> {
+    let _suspended = Suspended::new();
     let value = value?;
     let Some(target) = value.strip_prefix(reference::TEXT_PREFIX) else {
         return Some(value.to_owned());
     };
-    let Some(row) = own_row(table_oid, column_name, key_values, target, value, false) else {
+    let Some(row) = own_row(
+        table_oid,
+        column_name,
+        key_values,
+        target,
+        value,
+        false,
+        snapshot,
+    ) else {
         return Some(value.to_owned());
     };
     let entry = fetch(target).map_err(|f| f.context(&row)).or_raise();
@@ -116,6 +217,7 @@ fn own_row(
     target: &str,
     value: &str,
     is_json: bool,
+    snapshot: Snapshot,
 ) -> Option<String> {
     let declaration = declared(table_oid, column_name).or_raise();
     own_row_of(
@@ -125,6 +227,7 @@ fn own_row(
         target,
         value,
         is_json,
+        snapshot,
     )
 }
 
@@ -135,6 +238,7 @@ fn own_row_of(
     target: &str,
     value: &str,
     is_json: bool,
+    snapshot: Snapshot,
 ) -> Option<String> {
     let keys = key_values.unwrap_or_default();
     let (expected, row) = row_identity(
@@ -146,7 +250,7 @@ fn own_row_of(
     if target != expected || declaration.path_column.is_some() {
         return None;
     }
-    check_visible(declaration, &flatten(&keys), value, is_json).or_raise();
+    check_visible(declaration, &flatten(&keys), value, is_json, snapshot).or_raise();
     Some(row)
 }
 
@@ -202,12 +306,14 @@ fn declared(table_oid: pg_sys::Oid, column_name: &str) -> Result<Declaration, Fa
 
 /// Raises unless the calling role can see a row of the declared table with
 /// these key values and this value: the reference must come from a row the
-/// role may read, not from the caller's arguments.
+/// role may read, not from the caller's arguments. `snapshot` decides
+/// whether rows written by the calling statement count.
 fn check_visible(
     declaration: &Declaration,
     keys: &[String],
     value: &str,
     is_json: bool,
+    snapshot: Snapshot,
 ) -> Result<(), Failure> {
     let key_columns: Vec<String> = match &declaration.path_column {
         Some(path_column) => vec![path_column.clone()],
@@ -225,13 +331,13 @@ fn check_visible(
         if is_json { "jsonb" } else { "text" }
     ));
     let query = format!(
-        "SELECT EXISTS (SELECT 1 FROM {} t WHERE {})",
+        "SELECT 1 FROM {} t WHERE {} LIMIT 1",
         declaration.qualified_table(),
         conditions.join(" AND ")
     );
     let mut args: Vec<DatumWithOid<'_>> = keys.iter().map(|k| k.as_str().into()).collect();
     args.push(value.into());
-    if key_columns.len() != keys.len() || select_value::<bool>(&query, &args)? != Some(true) {
+    if key_columns.len() != keys.len() || select_by_value(&query, &args, snapshot, 1)?.is_empty() {
         return Err(Failure::new(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!(

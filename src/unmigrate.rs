@@ -88,6 +88,8 @@ fn verify() -> TableIterator<
     ),
 > {
     require_superuser("vault_redirect.verify");
+    // Its queries must read the stored references, not resolved values.
+    let _suspended = crate::transparent::Suspended::new();
     let mut problems = Vec::new();
     for declaration in declare::load_declarations(None).or_raise() {
         let scan = ColumnScan::new(&declaration).or_raise();
@@ -143,6 +145,8 @@ fn unmigrate() -> TableIterator<
         name!(null_values, i64),
     ),
 > {
+    // Its queries must read the stored references, not resolved values.
+    let _suspended = crate::transparent::Suspended::new();
     let mut summary = Vec::new();
     for declaration in begin_bulk("vault_redirect.unmigrate") {
         let (restored, plain, nulls) = unmigrate_column(&declaration).or_raise();
@@ -224,6 +228,8 @@ fn delete_vault_entries(
         name!(absent, i64),
     ),
 > {
+    // Its queries must read the stored references, not resolved values.
+    let _suspended = crate::transparent::Suspended::new();
     let mut summary = Vec::new();
     for declaration in begin_bulk("vault_redirect.delete_vault_entries") {
         let migrated = crate::query::select_value::<bool>(
