@@ -7,6 +7,11 @@
 //! reference that row's key gives under the declaration, and (3) a row with
 //! that key and that value is visible to the calling role, with its table
 //! privileges, column privileges and row-level security applied.
+//!
+//! Their queries run as the caller, so each pins its search_path to
+//! pg_catalog. With the caller's search_path, a role could put its own `=`
+//! operator ahead of pg_catalog's and make the visibility check true for
+//! any row.
 
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -22,6 +27,7 @@ use crate::reference;
 
 /// Resolves the value column of a declared key/value table.
 #[pg_extern(stable, parallel_unsafe, cost = 10000)]
+#[search_path(pg_catalog, pg_temp)]
 fn resolve_kv(
     table_oid: pg_sys::Oid,
     column_name: &str,
@@ -47,6 +53,7 @@ fn resolve_kv(
 
 /// Resolves a declared jsonb column of a wide table.
 #[pg_extern(stable, parallel_unsafe, cost = 10000)]
+#[search_path(pg_catalog, pg_temp)]
 fn resolve_column_jsonb(
     table_oid: pg_sys::Oid,
     column_name: &str,
@@ -86,6 +93,7 @@ fn resolve_column_jsonb(
 
 /// Resolves a declared text column of a wide table.
 #[pg_extern(stable, parallel_unsafe, cost = 10000)]
+#[search_path(pg_catalog, pg_temp)]
 fn resolve_column_text(
     table_oid: pg_sys::Oid,
     column_name: &str,
