@@ -66,7 +66,8 @@ const EXECUTABLE_BY_EVERY_ROLE: &[&str] =
     &["resolve_column_jsonb", "resolve_column_text", "resolve_kv"];
 
 /// The columns of `vault_redirect.secret_columns`, which every role can
-/// read. A new column must hold no secret before it is added here.
+/// read. A new column must contain no secret before it is added here.
+/// `secret_keys` contains the names of JSON keys, not their values.
 const SECRET_COLUMNS_COLUMNS: &[&str] = &[
     "table_schema",
     "table_name",
@@ -75,6 +76,7 @@ const SECRET_COLUMNS_COLUMNS: &[&str] = &[
     "path_column",
     "key_columns",
     "path_prefix",
+    "secret_keys",
     "view_schema",
     "declared_at",
     "migrated_at",
@@ -236,6 +238,8 @@ struct Function {
     /// Argument types as `format_type` writes them.
     arg_types: Vec<String>,
     returns_set: bool,
+    /// Whether it returns `trigger`, so that only a trigger can call it.
+    returns_trigger: bool,
 }
 
 fn extension_functions(client: &mut Client) -> Vec<Function> {
@@ -246,7 +250,7 @@ fn extension_functions(client: &mut Client) -> Vec<Function> {
                            ORDER BY i),
                     ARRAY(SELECT format_type(t, NULL) FROM unnest(p.proargtypes) WITH ORDINALITY AS a(t, i)
                            ORDER BY i),
-                    p.proretset
+                    p.proretset, p.prorettype = 'trigger'::regtype
                FROM pg_proc p
               WHERE p.pronamespace = 'vault_redirect'::regnamespace
               ORDER BY p.proname, p.oid",
@@ -259,6 +263,7 @@ fn extension_functions(client: &mut Client) -> Vec<Function> {
             arg_names: row.get(1),
             arg_types: row.get(2),
             returns_set: row.get(3),
+            returns_trigger: row.get(4),
         })
         .collect()
 }
@@ -462,11 +467,16 @@ fn superuser_functions_check_caller() {
             continue;
         }
         for sql in calls(&function, &rows, &stack, kv_oid) {
-            expect_denied(
-                &mut granted,
-                &sql,
-                &format!("a non-superuser with EXECUTE calling {name}"),
-            );
+            let what = format!("a non-superuser with EXECUTE calling {name}");
+            // PostgreSQL checks EXECUTE on a trigger function only when a
+            // trigger is created. Called as a plain function it must fail,
+            // with whatever error.
+            if function.returns_trigger {
+                let result = granted.query(&sql, &[]);
+                assert!(result.is_err(), "{what}: `{sql}` succeeded");
+            } else {
+                expect_denied(&mut granted, &sql, &what);
+            }
         }
         checked += 1;
     }
@@ -719,6 +729,26 @@ fn lookalike_temp_table_denied() {
     ];
     for (what, sql) in attempts {
         expect_denied(&mut nobody, sql, &format!("nobody: {what}"));
+    }
+
+    // The extension's trigger functions write to Vault, so no role but a
+    // superuser may attach them to a table.
+    let triggers = query_strings(
+        &mut stack.superuser(),
+        "SELECT proname::text FROM pg_proc
+          WHERE pronamespace = 'vault_redirect'::regnamespace
+            AND prorettype = 'trigger'::regtype
+          ORDER BY 1",
+    );
+    for trigger in triggers {
+        expect_denied(
+            &mut nobody,
+            &format!(
+                "CREATE TRIGGER mine BEFORE INSERT OR UPDATE OR DELETE ON pg_temp.maasserver_secret
+                    FOR EACH ROW EXECUTE FUNCTION vault_redirect.{trigger}()"
+            ),
+            &format!("nobody attaching {trigger} to its temporary table"),
+        );
     }
 }
 
@@ -1066,4 +1096,38 @@ fn kv_insert_cannot_read_other_tables() {
              maasserver_secret row it wrote"
         );
     }
+}
+
+// NOTE: fails today. The write trigger stores a key/value row's plaintext
+// in Vault at the row's path, whatever that path is. So a role that may
+// INSERT rows of a key/value table overwrites any entry under the secrets
+// path, other tables' entries included.
+#[test]
+#[ignore = "known hole: a key/value row can overwrite any entry under the secrets path"]
+fn kv_insert_cannot_overwrite_other_tables() {
+    let stack = migrated_stack();
+    stack.pg.psql(
+        "REVOKE ALL ON public.maasserver_bmc FROM app;
+         REVOKE ALL ON vault_redirect_resolved.maasserver_bmc FROM app;",
+    );
+    let mut app = connect_as(&stack, "app");
+    let written = app.batch_execute(
+        r#"INSERT INTO public.maasserver_secret (path, value) VALUES
+               ('public/maasserver_bmc/1/power_parameters', '{"power_pass": "written-by-app"}')"#,
+    );
+    let pass: String = stack
+        .superuser()
+        .query_one(
+            "SELECT power_parameters->>'power_pass' FROM vault_redirect_resolved.maasserver_bmc
+              WHERE id = 1",
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("reading maasserver_bmc as the superuser: {}", describe(&e)))
+        .get(0);
+    assert!(
+        pass == "test-bmc-pass-1111",
+        "app, without privileges on maasserver_bmc, changed the secret of its row 1 \
+         through a maasserver_secret row (the INSERT returned {:?})",
+        written.map_err(|e| describe(&e))
+    );
 }
