@@ -13,6 +13,11 @@
 //! RETURNING. The VOLATILE `*_written` twin checks it with a fresh snapshot
 //! that includes the rows the calling statement wrote, for RETURNING of
 //! INSERT and UPDATE and for INSERT ... ON CONFLICT DO UPDATE SET.
+//!
+//! Their queries run as the caller, so each pins its search_path to
+//! pg_catalog. With the caller's search_path, a role could put its own `=`
+//! operator ahead of pg_catalog's and make the visibility check true for
+//! any row.
 
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -29,6 +34,7 @@ use crate::transparent::Suspended;
 
 /// Resolves the value column of a declared key/value table.
 #[pg_extern(stable, parallel_unsafe, cost = 10000)]
+#[search_path(pg_catalog, pg_temp)]
 fn resolve_kv(
     table_oid: pg_sys::Oid,
     column_name: &str,
@@ -40,6 +46,7 @@ fn resolve_kv(
 
 /// Like `resolve_kv`, for rows the calling statement wrote.
 #[pg_extern(volatile, parallel_unsafe, cost = 10000)]
+#[search_path(pg_catalog, pg_temp)]
 fn resolve_kv_written(
     table_oid: pg_sys::Oid,
     column_name: &str,
@@ -51,6 +58,7 @@ fn resolve_kv_written(
 
 /// Resolves a declared jsonb column of a wide table.
 #[pg_extern(stable, parallel_unsafe, cost = 10000)]
+#[search_path(pg_catalog, pg_temp)]
 fn resolve_column_jsonb(
     table_oid: pg_sys::Oid,
     column_name: &str,
@@ -68,6 +76,7 @@ fn resolve_column_jsonb(
 
 /// Like `resolve_column_jsonb`, for rows the calling statement wrote.
 #[pg_extern(volatile, parallel_unsafe, cost = 10000)]
+#[search_path(pg_catalog, pg_temp)]
 fn resolve_column_jsonb_written(
     table_oid: pg_sys::Oid,
     column_name: &str,
@@ -79,6 +88,7 @@ fn resolve_column_jsonb_written(
 
 /// Resolves a declared text column of a wide table.
 #[pg_extern(stable, parallel_unsafe, cost = 10000)]
+#[search_path(pg_catalog, pg_temp)]
 fn resolve_column_text(
     table_oid: pg_sys::Oid,
     column_name: &str,
@@ -96,6 +106,7 @@ fn resolve_column_text(
 
 /// Like `resolve_column_text`, for rows the calling statement wrote.
 #[pg_extern(volatile, parallel_unsafe, cost = 10000)]
+#[search_path(pg_catalog, pg_temp)]
 fn resolve_column_text_written(
     table_oid: pg_sys::Oid,
     column_name: &str,

@@ -306,6 +306,43 @@ fn successful_configure_logs_no_credentials() {
 }
 
 #[test]
+fn failed_configure_logs_literals() {
+    // PostgreSQL writes the statement of a failed call to the server log
+    // under the default log_min_error_statement, literals included. The
+    // tokens here are made up.
+    let stack = Stack::configured(&[]);
+    let logged = "made-up-wrapping-token-7f3a91";
+    let hidden = "made-up-wrapping-token-9c2e44";
+    let call = |token: &str| {
+        format!(
+            "SELECT vault_redirect.configure('{}', 'made-up-role-id', '{token}', 'maas')",
+            stack.bao.addr()
+        )
+    };
+
+    let mut client = stack.superuser();
+    client
+        .batch_execute(&call(logged))
+        .expect_err("a made-up wrapping token fails");
+    client
+        .batch_execute("SET log_min_error_statement = panic")
+        .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    client
+        .batch_execute(&call(hidden))
+        .expect_err("a made-up wrapping token fails");
+
+    let log = stack.pg.log_contents();
+    assert!(
+        log.contains(logged),
+        "the failed configure() statement is not in the server log"
+    );
+    assert!(
+        !log.contains(hidden),
+        "the failed configure() statement is logged after SET log_min_error_statement = panic"
+    );
+}
+
+#[test]
 fn odd_keys_and_identifiers_round_trip() {
     let stack = Stack::configured(&[]);
     stack.pg.psql(
