@@ -6,8 +6,8 @@
 -- remove_server, servers, process_deletions, gc. They change the server's
 -- Vault credentials, the tables or Vault.
 --
--- No role: the trigger functions redirect_write, redirect_delete and
--- redirect_truncate. PostgreSQL checks EXECUTE on a trigger function only
+-- No role: the trigger functions redirect_write, redirect_confirm,
+-- redirect_delete and redirect_truncate. PostgreSQL checks EXECUTE on a trigger function only
 -- when a trigger is created, which declare_* do as a superuser. The
 -- triggers then fire for every role that writes to the table.
 --

@@ -378,6 +378,7 @@ fn record(declaration: &Declaration) -> Result<(), Failure> {
         )
         .hint("Pass another view_schema for tables that share a name."));
     }
+    check_namespace(declaration, &load_declarations(None)?)?;
     if let Some(same) = existing
         .iter()
         .find(|d| d.column_name == declaration.column_name)
@@ -417,6 +418,50 @@ fn record(declaration: &Declaration) -> Result<(), Failure> {
             declaration.secret_keys.clone().into(),
         ],
     )?;
+    Ok(())
+}
+
+/// Raises when a declaration would share KV paths with another table's:
+/// a second key/value table, whose paths could be any other table's, or a
+/// wide-table prefix equal to or inside another table's prefix.
+fn check_namespace(declaration: &Declaration, all: &[Declaration]) -> Result<(), Failure> {
+    let others = all.iter().filter(|d| {
+        d.table_schema != declaration.table_schema || d.table_name != declaration.table_name
+    });
+    for other in others {
+        if declaration.shape == "kv" && other.shape == "kv" {
+            return Err(Failure::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!(
+                    "{} is already declared as the key/value table",
+                    other.display_table()
+                ),
+            )
+            .detail("The rows of a key/value table name their KV paths, so two such tables could replace each other's secrets.")
+            .hint("Keep the secrets of both in one key/value table, or declare the columns of wide tables with declare_column()."));
+        }
+        if declaration.shape != "column" || other.shape != "column" {
+            continue;
+        }
+        let (mine, theirs) = (&declaration.path_prefix, &other.path_prefix);
+        let nested = mine == theirs
+            || mine.starts_with(&format!("{theirs}/"))
+            || theirs.starts_with(&format!("{mine}/"));
+        if nested {
+            return Err(Failure::invalid_parameter(
+                "path_prefix",
+                mine,
+                format!(
+                    "it overlaps \"{theirs}\", the prefix of {}.{}",
+                    other.display_table(),
+                    other.column_name
+                ),
+            )
+            .hint(
+                "Give each table a path_prefix of its own, neither equal to nor inside another's.",
+            ));
+        }
+    }
     Ok(())
 }
 

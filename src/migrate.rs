@@ -142,6 +142,7 @@ fn migrate_column(declaration: &Declaration, dry_run: bool) -> Result<Counts, Fa
     if !dry_run {
         scan.lock()?;
     }
+    let all = declare::load_declarations(None)?;
     let mut counts = Counts::default();
     let mut progress = match dry_run {
         true => None,
@@ -175,6 +176,7 @@ fn migrate_column(declaration: &Declaration, dry_run: bool) -> Result<Counts, Fa
             counts.already += 1;
             return Ok(());
         };
+        crate::redirect::check_owner(declaration, &row.path, &row.label, &all)?;
         check_length(
             &reference,
             scan.max_chars,

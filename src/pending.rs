@@ -7,6 +7,11 @@
 //! of a savepoint drops the secrets it wrote, so Vault never contains a
 //! value whose row was rolled back. Until the commit, the transaction's own
 //! reads of those rows return the pending values.
+//!
+//! A row that INSERT proposes may never be stored: `ON CONFLICT DO NOTHING`
+//! skips it, and `ON CONFLICT DO UPDATE` updates the existing row instead.
+//! So an INSERT's secret stays a proposal until the row's AFTER INSERT
+//! trigger confirms it, and only confirmed secrets reach Vault.
 
 use std::cell::RefCell;
 
@@ -23,6 +28,12 @@ struct Pending {
     /// The row's name in messages, such as `row with path "x" of public.t`.
     label: String,
     subxact: pg_sys::SubTransactionId,
+    /// Whether the row was stored with this secret; false for an INSERT's
+    /// proposal until its AFTER INSERT trigger runs.
+    confirmed: bool,
+    /// Start of the top-level statement that wrote it. A proposal left by
+    /// an earlier statement was never stored.
+    statement: pg_sys::TimestampTz,
 }
 
 #[derive(Default)]
@@ -46,32 +57,96 @@ pub fn register_callbacks() {
     }
 }
 
-/// Keeps a secret to be written to Vault when the transaction commits. A
-/// later write to the same path in the same transaction replaces it.
+/// Keeps a secret that an UPDATE stored, to be written to Vault when the
+/// transaction commits. A later write to the same path replaces it.
 pub fn add(path: KvPath, data: Map<String, Value>, label: String) {
+    push(path, data, label, true);
+}
+
+/// Keeps the secret of a row that an INSERT proposes.
+pub fn propose(path: KvPath, data: Map<String, Value>, label: String) {
+    drop_stale_proposals();
+    push(path, data, label, false);
+}
+
+/// Drops the proposals of earlier statements: their AFTER INSERT triggers
+/// have run, so their rows were not stored.
+fn drop_stale_proposals() {
+    let now = statement_start();
+    STATE.with(|state| {
+        state
+            .borrow_mut()
+            .writes
+            .retain(|p| p.confirmed || p.statement == now)
+    });
+}
+
+fn statement_start() -> pg_sys::TimestampTz {
+    // SAFETY: reads the start time of the current top-level statement.
+    unsafe { pg_sys::GetCurrentStatementStartTimestamp() }
+}
+
+fn push(path: KvPath, data: Map<String, Value>, label: String, confirmed: bool) {
     // SAFETY: reads the current subtransaction's ID; always valid inside a
     // transaction, which a trigger runs in.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let statement = statement_start();
     STATE.with(|state| {
         state.borrow_mut().writes.push(Pending {
             path,
             data,
             label,
             subxact,
+            confirmed,
+            statement,
         })
     });
 }
 
+/// Confirms the earliest proposal for `path`: its row was stored. AFTER
+/// INSERT triggers run in the order the rows were stored, and a path is
+/// stored once per statement, so a later proposal for the same path is a
+/// row that ON CONFLICT skipped.
+pub fn confirm(path: &KvPath) {
+    drop_stale_proposals();
+    STATE.with(|state| {
+        let mut state = state.borrow_mut();
+        if let Some(pending) = state
+            .writes
+            .iter_mut()
+            .find(|p| !p.confirmed && &p.path == path)
+        {
+            pending.confirmed = true;
+        }
+    });
+}
+
+/// Removes the proposal for `path` and returns its secret. Called when an
+/// INSERT ... ON CONFLICT DO UPDATE updates the existing row instead.
+pub fn take_proposal(path: &KvPath) -> Option<Map<String, Value>> {
+    drop_stale_proposals();
+    STATE.with(|state| {
+        let mut state = state.borrow_mut();
+        let at = state
+            .writes
+            .iter()
+            .rposition(|p| !p.confirmed && &p.path == path)?;
+        Some(state.writes.remove(at).data)
+    })
+}
+
 /// Returns the secret this transaction wrote last to `path`, if it has not
-/// reached Vault yet.
-pub fn lookup(path: &KvPath) -> Option<Map<String, Value>> {
+/// reached Vault yet. With `proposals`, an INSERT's proposal counts too, as
+/// RETURNING of that INSERT needs.
+pub fn lookup(path: &KvPath, proposals: bool) -> Option<Map<String, Value>> {
+    let now = statement_start();
     STATE.with(|state| {
         state
             .borrow()
             .writes
             .iter()
             .rev()
-            .find(|p| &p.path == path)
+            .find(|p| &p.path == path && (p.confirmed || (proposals && p.statement == now)))
             .map(|p| p.data.clone())
     })
 }
@@ -88,7 +163,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     match event {
         XACT_EVENT_PRE_COMMIT => flush().or_raise(),
         XACT_EVENT_PRE_PREPARE => {
-            let pending = STATE.with(|state| !state.borrow().writes.is_empty());
+            let pending = STATE.with(|state| state.borrow().writes.iter().any(|p| p.confirmed));
             if pending {
                 Failure::new(
                     PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -146,7 +221,8 @@ struct Undo {
 /// one write fails, the ones already made are undone as far as Vault lets
 /// us, and the failure aborts the transaction.
 fn flush() -> Result<(), Failure> {
-    let writes = STATE.with(|state| std::mem::take(&mut state.borrow_mut().writes));
+    let mut writes = STATE.with(|state| std::mem::take(&mut state.borrow_mut().writes));
+    writes.retain(|p| p.confirmed);
     if writes.is_empty() {
         return Ok(());
     }

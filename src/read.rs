@@ -12,9 +12,15 @@ use crate::vault::{KvEntry, KvPath};
 /// A secret this transaction wrote and has not committed yet is returned
 /// as it will be written, with version 0.
 pub fn fetch(path: &str) -> Result<KvEntry, Failure> {
+    fetch_with(path, false)
+}
+
+/// Like fetch(), and with `proposals`, also returns what an INSERT of the
+/// running statement proposes for the path.
+pub fn fetch_with(path: &str, proposals: bool) -> Result<KvEntry, Failure> {
     crate::servers::remind_once();
     let path = KvPath::parse(path)?;
-    if let Some(data) = crate::pending::lookup(&path) {
+    if let Some(data) = crate::pending::lookup(&path, proposals) {
         return Ok(KvEntry { data, version: 0 });
     }
     backend::with_client(|client, _| Ok(client.kv_read(&path)?))

@@ -3,7 +3,9 @@
 //! Once a column is migrated:
 //! - a plaintext value written by INSERT, UPDATE or COPY is replaced by the
 //!   row's reference before the row is stored, and the plaintext waits in
-//!   memory until the transaction commits (see `pending`);
+//!   memory until the transaction commits (see `pending`). An INSERT's
+//!   secret is only proposed until the AFTER INSERT trigger confirms that
+//!   the row was stored, which `ON CONFLICT` may prevent;
 //! - a row deleted, or whose key changes, queues its KV entry for deletion,
 //!   which the deletion worker carries out after the commit (see
 //!   `deletions`); TRUNCATE queues every row's entry.
@@ -32,8 +34,9 @@ use crate::vault::KvPath;
 pub const WRITE_TRIGGER: &str = "zz_vault_redirect_write";
 pub const DELETE_TRIGGER: &str = "zz_vault_redirect_delete";
 pub const TRUNCATE_TRIGGER: &str = "zz_vault_redirect_truncate";
+pub const CONFIRM_TRIGGER: &str = "zz_vault_redirect_confirm";
 
-/// Creates the three triggers on a declared table, or replaces them. Their
+/// Creates the four triggers on a declared table, or replaces them. Their
 /// arguments name the declared table, so that the partitions of a
 /// partitioned table, which get clones of the triggers, find the
 /// declarations too.
@@ -58,6 +61,7 @@ pub fn install_triggers(table: &Table) -> Result<(), Failure> {
             "STATEMENT",
             "redirect_truncate",
         ),
+        (CONFIRM_TRIGGER, "AFTER INSERT", "ROW", "redirect_confirm"),
     ];
     for (name, when, level, function) in triggers {
         let name = quote_identifier(name);
@@ -72,7 +76,12 @@ pub fn install_triggers(table: &Table) -> Result<(), Failure> {
 
 /// Drops the triggers of a table that has no declared column left.
 pub fn drop_triggers(qualified_table: &str) -> Result<(), Failure> {
-    for name in [WRITE_TRIGGER, DELETE_TRIGGER, TRUNCATE_TRIGGER] {
+    for name in [
+        WRITE_TRIGGER,
+        DELETE_TRIGGER,
+        TRUNCATE_TRIGGER,
+        CONFIRM_TRIGGER,
+    ] {
         Spi::run(&format!(
             "DROP TRIGGER IF EXISTS {} ON {qualified_table}",
             quote_identifier(name)
@@ -102,7 +111,7 @@ fn migrated_declarations(trigger: &PgTrigger<'_>) -> Vec<Declaration> {
         .collect()
 }
 
-/// A row as the trigger sees it: a heap tuple and its descriptor.
+/// A row given to a trigger: a heap tuple and its descriptor.
 struct RowImage {
     tuple: *mut pg_sys::HeapTupleData,
     desc: pg_sys::TupleDesc,
@@ -170,7 +179,8 @@ impl RowImage {
         }
     }
 
-    /// Whether the column is jsonb, and the length limit of a varchar(n).
+    /// Returns whether the column is jsonb, and the length limit of a
+    /// varchar(n).
     fn column_shape(&self, attno: i32) -> (bool, Option<usize>) {
         // SAFETY: desc outlives this call; attno is a valid user column.
         let desc = unsafe { PgTupleDesc::from_pg_unchecked(self.desc) };
@@ -251,6 +261,7 @@ fn redirect_write<'a>(
         tuple: data.tg_trigtuple,
         desc,
     });
+    let all_declarations = declare::load_declarations(None).or_raise();
     let mut changes: Vec<(i32, String)> = Vec::new();
     for declaration in &declarations {
         let attno = new_image
@@ -264,12 +275,30 @@ fn redirect_write<'a>(
             declaration.column_name
         );
         let value = new_image.text(attno);
+        // SAFETY: tg_updatedcols is the statement's set of assigned columns,
+        // valid for the trigger call; attribute numbers in it are offset by
+        // FirstLowInvalidHeapAttributeNumber.
+        let assigned = !is_update
+            || unsafe {
+                pg_sys::bms_is_member(
+                    attno - pg_sys::FirstLowInvalidHeapAttributeNumber,
+                    data.tg_updatedcols,
+                )
+            };
         // The path of the entry the old row referred to, if it did.
         let old_reference = old_image.as_ref().and_then(|old| {
             let (old_path, _) = old.identity(declaration).or_raise();
             let old_value = old.text(attno)?;
             is_own_reference(is_json, &old_value, &old_path).then_some((old_path, old_value))
         });
+        // An UPDATE of a row that an INSERT ... ON CONFLICT proposed: the
+        // INSERT's proposal for this path will not be stored as it is.
+        let proposal = match is_update {
+            true => KvPath::parse(&path)
+                .ok()
+                .and_then(|p| pending::take_proposal(&p)),
+            false => None,
+        };
         let new_reference = match (&value, &old_reference) {
             (None, _) => None,
             // The key changed and the value is still the old reference: the
@@ -277,6 +306,7 @@ fn redirect_write<'a>(
             (Some(value), Some((old_path, old_value)))
                 if old_path != &path && value == old_value =>
             {
+                check_owner(declaration, &path, &label, &all_declarations).or_raise();
                 let entry = crate::read::fetch(old_path)
                     .map_err(|f| f.context(&label))
                     .or_raise();
@@ -290,7 +320,7 @@ fn redirect_write<'a>(
                 changes.push((attno, reference));
                 Some(path.clone())
             }
-            (Some(value), _) => match plan(
+            (Some(value), old) => match plan(
                 declaration.secret_keys.as_deref(),
                 is_json,
                 value,
@@ -304,12 +334,29 @@ fn redirect_write<'a>(
                     data,
                     reference,
                 } => {
+                    check_owner(declaration, &path, &label, &all_declarations).or_raise();
                     check_length(&reference, max_chars, &label, &column).or_raise();
-                    pending::add(kv_path, data, label);
+                    match is_update {
+                        true => pending::add(kv_path, data, label),
+                        false => pending::propose(kv_path, data, label),
+                    }
                     changes.push((attno, reference));
                     Some(path.clone())
                 }
-                Plan::Skip => is_own_reference(is_json, value, &path).then(|| path.clone()),
+                Plan::Skip if !is_own_reference(is_json, value, &path) => None,
+                Plan::Skip => {
+                    // The row referred to this entry already; for a column
+                    // with secret keys, its other keys may have changed.
+                    let unchanged =
+                        !assigned || old.as_ref().is_some_and(|(old_path, _)| old_path == &path);
+                    if let (Some(data), true) = (proposal, assigned) {
+                        // SET value = EXCLUDED.value: the proposed secret.
+                        pending::add(checked_path(&path, &label).or_raise(), data, label);
+                    } else if !unchanged {
+                        check_reference_write(&label).or_raise();
+                    }
+                    Some(path.clone())
+                }
             },
         };
         // An entry that no longer has a row referring to it is deleted
@@ -327,6 +374,54 @@ fn redirect_write<'a>(
         unsafe { new.set_by_index_unchecked(attno, Some(datum)) };
     }
     Ok(Some(new))
+}
+
+/// Raises unless the calling role may store a reference as it is. Only a
+/// superuser may, as pg_restore and logical replication do: any other role
+/// could give its row the reference of an entry it may not read, then read
+/// it through the row.
+fn check_reference_write(label: &str) -> Result<(), Failure> {
+    // SAFETY: superuser() only reads the current user's catalog entry.
+    if unsafe { pg_sys::superuser() } {
+        return Ok(());
+    }
+    Err(Failure::new(
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("{label}: permission denied to store a reference to Vault in the row"),
+    )
+    .hint("Write the secret itself: it goes to Vault and the row gets its reference."))
+}
+
+/// Raises when a key/value row's path lies in the path prefix of a wide
+/// table's declared column, whose entries that row must not replace.
+pub fn check_owner(
+    declaration: &Declaration,
+    path: &str,
+    label: &str,
+    all: &[Declaration],
+) -> Result<(), Failure> {
+    if declaration.path_column.is_none() {
+        return Ok(());
+    }
+    let owner = all.iter().find(|other| {
+        other.path_column.is_none()
+            && (path == other.path_prefix || path.starts_with(&format!("{}/", other.path_prefix)))
+    });
+    match owner {
+        None => Ok(()),
+        Some(other) => Err(Failure::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "{label}: the path \"{path}\" belongs to the secrets of {}.{}",
+                other.display_table(),
+                other.column_name
+            ),
+        )
+        .hint(format!(
+            "Keep the key/value paths out of \"{}/\".",
+            other.path_prefix
+        ))),
+    }
 }
 
 /// Returns the reference a moved row gets at its new path, of the same
@@ -352,6 +447,29 @@ fn checked_path(path: &str, label: &str) -> Result<KvPath, Failure> {
             .context(label)
             .hint("Fix the row's path so that it is a valid KV path.")
     })
+}
+
+/// AFTER INSERT, for each row: confirms the secrets that the row's INSERT
+/// proposed, since the row was stored.
+#[pg_trigger]
+fn redirect_confirm<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
+    let _suspended = crate::transparent::Suspended::new();
+    let data = trigger.trigger_data();
+    // SAFETY: tg_relation is open for the whole trigger call.
+    let desc = unsafe { (*data.tg_relation).rd_att };
+    let new = RowImage {
+        tuple: data.tg_trigtuple,
+        desc,
+    };
+    for declaration in migrated_declarations(trigger) {
+        let (path, _) = new.identity(&declaration).or_raise();
+        if let Ok(path) = KvPath::parse(&path) {
+            pending::confirm(&path);
+        }
+    }
+    Ok(None)
 }
 
 /// AFTER DELETE, for each row: queues the KV entry of each migrated column

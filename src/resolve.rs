@@ -28,7 +28,6 @@ use serde_json::Value;
 use crate::declare::{self, Declaration};
 use crate::errors::{Failure, OrRaise};
 use crate::query::{select_by_value, select_value, Snapshot};
-use crate::read::fetch;
 use crate::reference;
 use crate::transparent::Suspended;
 
@@ -145,7 +144,7 @@ fn kv(
         snapshot,
     )
     .or_raise();
-    Some(JsonB(resolve_json(&target, key.as_deref(), &row)))
+    Some(JsonB(resolve_json(&target, key.as_deref(), &row, snapshot)))
 }
 
 fn column_jsonb(
@@ -182,10 +181,12 @@ fn column_jsonb(
         return Some(JsonB(value));
     };
     if declaration.secret_keys.is_some() {
-        let entry = fetch(&target).map_err(|f| f.context(&row)).or_raise();
+        let entry = fetch_as_of(&target, snapshot)
+            .map_err(|f| f.context(&row))
+            .or_raise();
         return Some(JsonB(reference::merge_secret_keys(&value, entry.data)));
     }
-    Some(JsonB(resolve_json(&target, key.as_deref(), &row)))
+    Some(JsonB(resolve_json(&target, key.as_deref(), &row, snapshot)))
 }
 
 fn column_text(
@@ -211,7 +212,9 @@ fn column_text(
     ) else {
         return Some(value.to_owned());
     };
-    let entry = fetch(target).map_err(|f| f.context(&row)).or_raise();
+    let entry = fetch_as_of(target, snapshot)
+        .map_err(|f| f.context(&row))
+        .or_raise();
     reference::kv_to_text(&entry.data, reference::SCALAR_KEY)
         .map_err(|reason| missing_key(&row, target, reason))
         .or_raise()
@@ -361,11 +364,19 @@ fn check_visible(
     Ok(())
 }
 
-fn resolve_json(target: &str, key: Option<&str>, row: &str) -> Value {
-    let entry = fetch(target).map_err(|f| f.context(row)).or_raise();
+fn resolve_json(target: &str, key: Option<&str>, row: &str, snapshot: Snapshot) -> Value {
+    let entry = fetch_as_of(target, snapshot)
+        .map_err(|f| f.context(row))
+        .or_raise();
     reference::kv_to_json(entry.data, key)
         .map_err(|reason| missing_key(row, target, reason))
         .or_raise()
+}
+
+/// Reads an entry for a resolver. The fresh-snapshot twins resolve rows
+/// the running statement wrote, so they also see what its INSERT proposes.
+fn fetch_as_of(target: &str, snapshot: Snapshot) -> Result<crate::vault::KvEntry, Failure> {
+    crate::read::fetch_with(target, snapshot == Snapshot::Fresh)
 }
 
 fn missing_key(row: &str, target: &str, reason: String) -> Failure {

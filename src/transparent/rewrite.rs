@@ -285,14 +285,12 @@ unsafe fn rewrite_query(rewriter: &Rewriter, query: *mut pg_sys::Query) {
             ..statement
         };
         returning.mutate_target_list((*query).returningList);
-        // The conflicting row may have been committed by another transaction
-        // after this statement's snapshot was taken. EXCLUDED holds the
-        // reference the write trigger left in the proposed row, and resolves
-        // to the plaintext proposed, which this transaction keeps until the
-        // commit.
+        // EXCLUDED holds the reference that the write trigger left in the
+        // proposed row, and resolves to the plaintext proposed, which only
+        // the fresh-snapshot twins return. The existing row resolves as of
+        // the statement's snapshot, which ignores the proposal for its path.
         if !(*query).onConflict.is_null() {
             let on_conflict = Scope {
-                snapshot: Snapshot::Fresh,
                 excluded: true,
                 ..statement
             };
@@ -334,12 +332,22 @@ impl Scope<'_> {
             if !is_table(entry) && !is_excluded {
                 return None;
             }
+            let scope = Scope {
+                rewriter: self.rewriter,
+                query: self.query,
+                snapshot: if is_excluded {
+                    Snapshot::Fresh
+                } else {
+                    self.snapshot
+                },
+                excluded: self.excluded,
+            };
             let column = self
                 .rewriter
                 .columns
                 .iter()
                 .find(|c| c.relation == (*entry).relid && c.attribute == (*var).varattno)?;
-            Some(self.resolver_call(column, var, entry))
+            Some(scope.resolver_call(column, var, entry))
         }
     }
 

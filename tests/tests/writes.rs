@@ -815,3 +815,128 @@ fn secret_keys_invalid_declarations() {
         assert!(db.hint().is_some(), "{keys}: no hint");
     }
 }
+
+#[test]
+fn on_conflict_keeps_what_was_not_stored() {
+    let stack = migrated_stack();
+    let mut app = stack.pg.connect("app");
+    let original = stack.kv_get("global/omapi-key").unwrap();
+
+    // DO NOTHING skips the proposed row, and Vault keeps the stored secret.
+    let inserted = app
+        .execute(
+            "INSERT INTO maasserver_secret (path, value)
+             VALUES ('global/omapi-key', '{\"secret\": \"w-skipped\"}'),
+                    ('global/brand-new', '{\"secret\": \"w-first\"}'),
+                    ('global/brand-new', '{\"secret\": \"w-second\"}')
+             ON CONFLICT (path) DO NOTHING",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(inserted, 1);
+    assert_eq!(stack.kv_get("global/omapi-key"), Some(original.clone()));
+    assert_eq!(
+        stack.kv_get("global/brand-new"),
+        Some(json!({ "secret": "w-first" }))
+    );
+
+    // DO UPDATE that leaves the secret column alone keeps the secret.
+    app.execute(
+        "INSERT INTO maasserver_secret (path, value) VALUES ('global/omapi-key', '{\"secret\": \"w-ignored\"}')
+         ON CONFLICT (path) DO UPDATE SET updated = now()",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(stack.kv_get("global/omapi-key"), Some(original.clone()));
+    assert_eq!(resolved(&mut app, "global/omapi-key"), Some(original));
+
+    // DO UPDATE ... WHERE false updates nothing.
+    app.execute(
+        "INSERT INTO maasserver_secret (path, value) VALUES ('global/tls', '{\"key\": \"w-ignored\"}')
+         ON CONFLICT (path) DO UPDATE SET value = EXCLUDED.value WHERE false",
+        &[],
+    )
+    .unwrap();
+    assert!(stack.kv_get("global/tls").unwrap().get("cert").is_some());
+}
+
+#[test]
+fn references_written_by_superusers_only() {
+    let stack = migrated_stack();
+    let mut app = stack.pg.connect("app");
+    let error = app
+        .execute(
+            "INSERT INTO maasserver_secret (path, value)
+             VALUES ('global/copied', '{\"$vault_redirect\": \"global/copied\"}')",
+            &[],
+        )
+        .expect_err("app must not store a reference");
+    let db = db_error(&error);
+    assert_eq!(db.code().code(), "42501", "{}", describe(&error));
+    assert!(
+        db.message().contains("global/copied"),
+        "{}",
+        describe(&error)
+    );
+    assert!(db.hint().is_some());
+
+    // Writing back the reference a row already holds changes nothing.
+    app.execute(
+        "UPDATE maasserver_secret SET value = value WHERE path = 'global/tls'",
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("rewriting the same reference failed: {}", describe(&e)));
+
+    // A superuser may, as pg_restore does: the row points to its entry.
+    let mut admin = stack.superuser();
+    stack.kv_put("global/restored", &json!({ "secret": "w-restored" }));
+    admin
+        .execute(
+            "INSERT INTO maasserver_secret (path, value)
+             VALUES ('global/restored', '{\"$vault_redirect\": \"global/restored\"}')",
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("restoring a reference failed: {}", describe(&e)));
+    assert_eq!(
+        resolved(&mut admin, "global/restored"),
+        Some(json!({ "secret": "w-restored" }))
+    );
+}
+
+#[test]
+fn declarations_keep_namespaces_apart() {
+    let stack = Stack::configured(&[]);
+    stack.load_maas_schema();
+    let mut admin = stack.superuser();
+    admin
+        .batch_execute(
+            "CREATE TABLE other_kv (path text PRIMARY KEY, value jsonb);
+             CREATE TABLE nested (id int PRIMARY KEY, pass text);",
+        )
+        .unwrap();
+    for (sql, code) in [
+        (
+            "SELECT vault_redirect.declare_kv_table('other_kv', 'path', 'value')",
+            "0A000",
+        ),
+        (
+            "SELECT vault_redirect.declare_column('nested', 'pass', path_prefix => 'public/maasserver_bmc/x')",
+            "22023",
+        ),
+        (
+            "SELECT vault_redirect.declare_column('nested', 'pass', path_prefix => 'public')",
+            "22023",
+        ),
+    ] {
+        let error = admin.execute(sql, &[]).expect_err(sql);
+        let db = db_error(&error);
+        assert_eq!(db.code().code(), code, "{sql}: {}", describe(&error));
+        assert!(db.hint().is_some(), "{sql}: no hint");
+    }
+    admin
+        .execute(
+            "SELECT vault_redirect.declare_column('nested', 'pass', path_prefix => 'public/maasserver_bmc2')",
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("a prefix beside another failed: {}", describe(&e)));
+}
