@@ -940,3 +940,77 @@ fn declarations_keep_namespaces_apart() {
         )
         .unwrap_or_else(|e| panic!("a prefix beside another failed: {}", describe(&e)));
 }
+
+#[test]
+fn partitions_and_replica_role_redirect() {
+    let stack = Stack::configured(&[]);
+    let mut admin = stack.superuser();
+    admin
+        .batch_execute(
+            "CREATE TABLE creds (site int, id int, pass text, PRIMARY KEY (site, id))
+                 PARTITION BY LIST (site);
+             CREATE TABLE creds_1 PARTITION OF creds FOR VALUES IN (1);
+             CREATE TABLE creds_2 PARTITION OF creds FOR VALUES IN (2);
+             INSERT INTO creds VALUES (1, 1, 'w-part-old');
+             SELECT vault_redirect.declare_column('creds', 'pass');
+             SELECT * FROM vault_redirect.migrate();",
+        )
+        .unwrap_or_else(|e| panic!("setting up the partitioned table failed: {}", describe(&e)));
+    // A row written to a partition goes to Vault under the declared table.
+    admin
+        .execute("INSERT INTO creds VALUES (2, 7, 'w-part-new')", &[])
+        .unwrap();
+    assert_eq!(
+        stack.kv_get("public/creds/2/7/pass"),
+        Some(json!({ "secret": "w-part-new" }))
+    );
+    let stored: String = admin
+        .query_one("SELECT pass FROM creds_2 WHERE id = 7", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, "$vault_redirect:public/creds/2/7/pass");
+
+    // The triggers fire as in logical replication and pg_restore too.
+    admin
+        .batch_execute(
+            "SET session_replication_role = replica;
+             INSERT INTO creds VALUES (1, 8, 'w-replica');
+             RESET session_replication_role;",
+        )
+        .unwrap();
+    assert_eq!(
+        stack.kv_get("public/creds/1/8/pass"),
+        Some(json!({ "secret": "w-replica" }))
+    );
+    let files = heap_and_wal(&stack, "creds_1");
+    assert!(!contains_bytes(&files, "w-replica"));
+}
+
+#[test]
+fn prepare_transaction_refused() {
+    let stack = migrated_stack();
+    stack.pg.append_conf("max_prepared_transactions = 2");
+    stack.pg.restart();
+    let mut app = stack.pg.connect("app");
+    app.batch_execute(
+        "BEGIN;
+         UPDATE maasserver_secret SET value = '{\"secret\": \"w-prepared\"}' WHERE path = 'global/tls';",
+    )
+    .unwrap();
+    let error = app
+        .batch_execute("PREPARE TRANSACTION 'vault_redirect_test'")
+        .expect_err("preparing a transaction with pending secrets must fail");
+    let db = db_error(&error);
+    assert_eq!(db.code().code(), "0A000", "{}", describe(&error));
+    assert!(db.hint().is_some());
+    assert!(stack.kv_get("global/tls").unwrap().get("cert").is_some());
+    // A transaction without secrets prepares as usual.
+    app.batch_execute(
+        "BEGIN;
+         UPDATE maasserver_secret SET updated = now() WHERE path = 'global/tls';
+         PREPARE TRANSACTION 'vault_redirect_plain';",
+    )
+    .unwrap_or_else(|e| panic!("a plain prepared transaction failed: {}", describe(&e)));
+    app.batch_execute("COMMIT PREPARED 'vault_redirect_plain'")
+        .unwrap_or_else(|e| panic!("COMMIT PREPARED failed: {}", describe(&e)));
+}
