@@ -176,9 +176,44 @@ psql_demo -f - <<'SQL'
 SELECT path, value FROM vault_redirect_resolved.maasserver_secret
 WHERE path = 'global/vcenter-password';
 \echo
+\echo '== The application role maas uses the tables with the SQL of its ORM, unchanged'
+\set QUIET on
+CREATE ROLE maas LOGIN;
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.maasserver_secret, public.maasserver_bmc TO maas;
+ALTER ROLE maas SET vault_redirect.transparent_reads = on;
+ALTER DATABASE postgres SET session_preload_libraries = 'vault_redirect';
+\connect - maas
+\set QUIET off
+SELECT value FROM maasserver_secret WHERE path = 'global/vcenter-password';
+INSERT INTO maasserver_secret (created, updated, path, value)
+VALUES (now(), now(), 'bmc/3/power-parameters', '{"power_pass": "redfish-demo-new-3c1a"}')
+ON CONFLICT (path) DO UPDATE SET value = EXCLUDED.value, updated = EXCLUDED.updated
+RETURNING path, value;
+UPDATE maasserver_secret SET value = '{"power_pass": "redfish-demo-rotated-77aa"}'
+ WHERE path = 'bmc/3/power-parameters';
+SELECT value FROM maasserver_secret WHERE path = 'bmc/3/power-parameters';
+UPDATE maasserver_bmc SET power_parameters = power_parameters || '{"power_user": "ops"}'
+ WHERE id = 16
+RETURNING id, power_parameters;
+DELETE FROM maasserver_secret WHERE path LIKE 'bmc/3/%';
+\set QUIET on
+\connect - postgres
+\set QUIET off
+\echo
+\echo '== What the tables contain: references, and the BMC settings that are not secret'
+SELECT path, value FROM public.maasserver_secret WHERE path LIKE 'bmc/%' ORDER BY path;
+SELECT id, power_parameters FROM public.maasserver_bmc WHERE id = 16;
+\echo
+\echo '== Entries of deleted rows still waiting for the deletion worker'
+SELECT pg_sleep(2);
+SELECT path, attempts, last_error FROM vault_redirect.deletion_queue;
+\echo
 \echo '== Extension status'
 \x on
 SELECT * FROM vault_redirect.status();
 SQL
+
+step "KV entries under $secrets_mount/$secrets_path/bmc in OpenBao (names only; bmc/3 is gone)"
+bao kv list -mount="$secrets_mount" "$secrets_path/bmc"
 
 step "demo finished"

@@ -106,7 +106,10 @@ SELECT vault_redirect.configure(:'url', :'role_id', :'wrapped', 'maas', 'secret'
 \echo '== Declaring the secret columns'
 
 SELECT vault_redirect.declare_kv_table('public.maasserver_secret', 'path', 'value');
-SELECT vault_redirect.declare_column('public.maasserver_bmc', 'power_parameters');
+-- Only the password and key of a BMC are secret; the address and user
+-- stay in the row.
+SELECT vault_redirect.declare_column('public.maasserver_bmc', 'power_parameters',
+       secret_keys => ARRAY['power_pass', 'power_key']);
 
 \echo
 \echo '== Moving the secrets to OpenBao'
