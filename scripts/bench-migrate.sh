@@ -29,15 +29,8 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
   sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   exit 0
 fi
-rows="${1:-100000}"
-if ! [[ "$rows" =~ ^[1-9][0-9]*$ ]]; then
-  echo "bench-migrate.sh: ROWS must be a positive integer, got '$rows'" >&2
-  exit 2
-fi
-if [[ "$(id -u)" -ne 0 ]]; then
-  echo "bench-migrate.sh: must run as root (it runs PostgreSQL as the postgres user)" >&2
-  exit 1
-fi
+rows="$(row_count_argument "${1:-}" 100000)"
+require_root "it runs PostgreSQL as the postgres user"
 
 add_tool_paths
 for tool in bao curl python3 readelf runuser; do
@@ -129,14 +122,7 @@ cleanup() {
     kill "$sampler_pid" 2>/dev/null || true
     wait "$sampler_pid" 2>/dev/null || true
   fi
-  if ((pg_started)); then
-    run_as_postgres pg_ctl stop -D "$pg_data" -m fast -w -s || true
-  fi
-  if [[ -n "$bao_pid" ]]; then
-    kill "$bao_pid" 2>/dev/null || true
-    wait "$bao_pid" 2>/dev/null || true
-  fi
-  rm -rf "$work_dir"
+  stop_servers_and_remove_work_dir
 }
 trap cleanup EXIT
 

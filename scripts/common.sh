@@ -122,3 +122,77 @@ EOF
   role_id="$(bao read -field=role_id "auth/approle/role/$role/role-id")"
   wrapped="$(bao write -wrap-ttl=5m -field=wrapping_token -f "auth/approle/role/$role/secret-id")"
 }
+
+# Unsets the inherited variables that could point the CLI or psql at
+# another server, and the Rust backtrace variables, with which the server
+# would append backtraces to errors.
+clear_server_environment() {
+  local name
+  while read -r name; do
+    unset "$name"
+  done < <(compgen -e | grep -E '^(BAO_|VAULT_|PG|RUST_BACKTRACE|RUST_LIB_BACKTRACE)' | grep -v '^PGRX_' || true)
+}
+
+# Runs PostgreSQL program $1 with the other arguments as the postgres OS
+# user, from /, which that user can always enter.
+run_as_postgres() {
+  local program="$1"
+  shift
+  (cd / && runuser -u postgres -- "$PG_BINDIR/$program" "$@")
+}
+
+# Creates a PostgreSQL 15 cluster in folder $1 with trust authentication
+# and the settings of pg_test_config/, and starts it on 127.0.0.1:$3 with
+# cluster_name $4, its unix socket in $1 and its log in file $2.
+start_pg_cluster() {
+  local data="$1" log="$2" port="$3" name="$4"
+  step "starting PostgreSQL 15 on 127.0.0.1:$port"
+  install -d -o postgres -g postgres -m 700 "$(dirname "$data")"
+  run_as_postgres initdb -D "$data" --username=postgres --auth=trust --encoding=UTF8 \
+    --locale=C.UTF-8 --no-sync --no-instructions >"$(dirname "$data")/initdb.log"
+  install -o postgres -g postgres -m 600 "$repo_root/pg_test_config/postgresql.conf" \
+    "$data/vault_redirect_test.conf"
+  install -o postgres -g postgres -m 600 "$repo_root/pg_test_config/pg_hba.conf" \
+    "$data/pg_hba.conf"
+  cat >>"$data/postgresql.conf" <<EOF
+
+include 'vault_redirect_test.conf'
+port = $port
+unix_socket_directories = '$data'
+cluster_name = '$name'
+EOF
+  run_as_postgres pg_ctl start -D "$data" -l "$log" -w -t 60 -s
+}
+
+# Stops the PostgreSQL cluster in $pg_data if pg_started is 1 and the
+# OpenBao server $bao_pid if set, then removes $work_dir. For the cleanup
+# traps of the scripts, so every failure is ignored.
+stop_servers_and_remove_work_dir() {
+  if ((pg_started)); then
+    run_as_postgres pg_ctl stop -D "$pg_data" -m fast -w -s || true
+  fi
+  if [[ -n "$bao_pid" ]]; then
+    kill "$bao_pid" 2>/dev/null || true
+    wait "$bao_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work_dir"
+}
+
+# Exits unless the script runs as root. $1 is the reason it must.
+require_root() {
+  if [[ "$(id -u)" -ne 0 ]]; then
+    echo "${0##*/}: must run as root ($1)" >&2
+    exit 1
+  fi
+}
+
+# Prints $1, or $2 when $1 is empty, after checking that it is a positive
+# integer. Exits with status 2 otherwise.
+row_count_argument() {
+  local rows="${1:-$2}"
+  if ! [[ "$rows" =~ ^[1-9][0-9]*$ ]]; then
+    echo "${0##*/}: ROWS must be a positive integer, got '$rows'" >&2
+    exit 2
+  fi
+  echo "$rows"
+}

@@ -6,8 +6,9 @@
 # cluster on free 127.0.0.1 ports in a temporary folder. It sets up AppRole
 # login for the extension and runs scripts/demo.sql, which moves the secrets
 # from the tables to OpenBao and reads them back through the resolved views.
-# Finally it changes a secret directly in OpenBao, shows the view again and
-# shows the extension's status.
+# Then it changes a secret directly in OpenBao and shows the view again, lets
+# an application role run MAAS's statements on the tables with transparent
+# reads on, and shows the extension's status.
 #
 # Usage: scripts/demo.sh [--release]
 #   --release  build the extension with the release profile (passed to setup.sh)
@@ -22,11 +23,7 @@ source "$repo_root/scripts/common.sh"
 bash "$repo_root/scripts/setup.sh" "$@"
 add_tool_paths
 
-# Inherited settings must not point the CLI or psql at another server, and
-# Rust backtrace variables would make the server append backtraces to errors.
-while read -r name; do
-  unset "$name"
-done < <(compgen -e | grep -E '^(BAO_|VAULT_|PG|RUST_BACKTRACE|RUST_LIB_BACKTRACE)' | grep -v '^PGRX_' || true)
+clear_server_environment
 
 secrets_mount=secret
 secrets_path=maas
@@ -43,12 +40,6 @@ pg_data="$pg_dir/data"
 pg_log="$pg_dir/postgresql.log"
 bao_pid=""
 pg_started=0
-
-run_as_postgres() {
-  local program="$1"
-  shift
-  (cd / && runuser -u postgres -- "$PG_BINDIR/$program" "$@")
-}
 
 psql_demo() {
   run_as_postgres psql -X -v ON_ERROR_STOP=1 -h "$pg_data" -p "$pg_port" -d postgres "$@"
@@ -105,14 +96,7 @@ cleanup() {
     print_keep_instructions
     return
   fi
-  if ((pg_started)); then
-    run_as_postgres pg_ctl stop -D "$pg_data" -m fast -w -s || true
-  fi
-  if [[ -n "$bao_pid" ]]; then
-    kill "$bao_pid" 2>/dev/null || true
-    wait "$bao_pid" 2>/dev/null || true
-  fi
-  rm -rf "$work_dir"
+  stop_servers_and_remove_work_dir
 }
 trap cleanup EXIT
 
@@ -127,22 +111,7 @@ setup_approle_role "$role" "$policy" "$secrets_mount" "$secrets_path"
 # ---- PostgreSQL 15 cluster -------------------------------------------------------
 
 pg_port="$(pick_free_port 1)"
-step "starting PostgreSQL 15 on 127.0.0.1:$pg_port"
-install -d -o postgres -g postgres -m 700 "$pg_dir"
-run_as_postgres initdb -D "$pg_data" --username=postgres --auth=trust --encoding=UTF8 \
-  --locale=C.UTF-8 --no-sync --no-instructions >"$work_dir/initdb.log"
-install -o postgres -g postgres -m 600 "$repo_root/pg_test_config/postgresql.conf" \
-  "$pg_data/vault_redirect_test.conf"
-install -o postgres -g postgres -m 600 "$repo_root/pg_test_config/pg_hba.conf" \
-  "$pg_data/pg_hba.conf"
-cat >>"$pg_data/postgresql.conf" <<EOF
-
-include 'vault_redirect_test.conf'
-port = $pg_port
-unix_socket_directories = '$pg_data'
-cluster_name = 'demo-primary'
-EOF
-run_as_postgres pg_ctl start -D "$pg_data" -l "$pg_log" -w -t 60 -s
+start_pg_cluster "$pg_data" "$pg_log" "$pg_port" demo-primary
 pg_started=1
 
 # ---- the demo ----------------------------------------------------------------
