@@ -189,7 +189,7 @@ fn migrate_column(declaration: &Declaration, dry_run: bool) -> Result<Counts, Fa
         )?;
         if !dry_run {
             store(&path, &data).map_err(|f| f.context(&row.label))?;
-            scan.update(client, &row.ctid, &reference)?;
+            scan.update(client, &row, &reference)?;
         }
         counts.migrated += 1;
         Ok(())
@@ -252,7 +252,7 @@ pub fn plan(
     let path = KvPath::parse(expected).map_err(|e| {
         Failure::from(e)
             .context(row)
-            .hint("Fix the row's path so that it is a valid KV path, then run vault_redirect.migrate() again.")
+            .hint("Fix the row's path so that it is a valid KV path: no empty, \".\" or \"..\" segment and no leading \"/\".")
     })?;
     Ok(Plan::Move {
         path,

@@ -13,6 +13,9 @@ const BATCH_ROWS: i64 = 100;
 
 /// One row of a declared column.
 pub struct Row {
+    /// The table the row is stored in: a partition, for a partitioned table.
+    /// A ctid is unique only within it.
+    pub table_oid: pg_sys::Oid,
     pub ctid: String,
     /// The KV path this row's secret belongs at.
     pub path: String,
@@ -55,6 +58,11 @@ impl<'a> ColumnScan<'a> {
         })
     }
 
+    /// Reports whether migrate() moved the column to Vault.
+    pub fn is_migrated(&self) -> bool {
+        self.declaration.migrated
+    }
+
     /// Returns the keys of a jsonb column that are secret, when not the
     /// whole value.
     pub fn secret_keys(&self) -> Option<&[String]> {
@@ -90,7 +98,7 @@ impl<'a> ColumnScan<'a> {
             None => key_array("t", &self.declaration.key_columns),
         };
         let select = format!(
-            "SELECT t.ctid::text, {keys}, t.{}::text FROM {} t",
+            "SELECT t.ctid::text, {keys}, t.{}::text, t.tableoid FROM {} t",
             self.column, self.qualified
         );
         // Each batch runs in its own SPI connection, so that what SPI
@@ -109,7 +117,8 @@ impl<'a> ColumnScan<'a> {
                     let ctid: String = row.get(1)?.unwrap_or_default();
                     let key_values: Vec<Option<String>> = row.get(2)?.unwrap_or_default();
                     let value: Option<String> = row.get(3)?;
-                    batch.push((ctid, key_values, value));
+                    let table_oid: pg_sys::Oid = row.get(4)?.unwrap_or(pg_sys::Oid::INVALID);
+                    batch.push((table_oid, ctid, key_values, value));
                 }
                 free_last_result();
                 if batch.is_empty() {
@@ -117,11 +126,12 @@ impl<'a> ColumnScan<'a> {
                     return Ok(true);
                 }
                 open.detach_into_name();
-                for (ctid, key_values, value) in batch {
+                for (table_oid, ctid, key_values, value) in batch {
                     let (path, label) = self.identify(&key_values);
                     visit(
                         client,
                         Row {
+                            table_oid,
                             ctid,
                             path,
                             label,
@@ -141,16 +151,20 @@ impl<'a> ColumnScan<'a> {
     pub fn update(
         &self,
         client: &mut SpiClient<'_>,
-        ctid: &str,
+        row: &Row,
         value: &str,
     ) -> Result<(), Failure> {
         let update = format!(
-            "UPDATE {} SET {} = $1::{} WHERE ctid = $2::tid",
+            "UPDATE {} SET {} = $1::{} WHERE ctid = $2::tid AND tableoid = $3",
             self.qualified,
             self.column,
             if self.is_json { "jsonb" } else { "text" },
         );
-        client.update(update.as_str(), None, &[value.into(), ctid.into()])?;
+        client.update(
+            update.as_str(),
+            None,
+            &[value.into(), row.ctid.as_str().into(), row.table_oid.into()],
+        )?;
         Ok(())
     }
 
@@ -158,17 +172,22 @@ impl<'a> ColumnScan<'a> {
     pub fn update_returning(
         &self,
         client: &mut SpiClient<'_>,
-        ctid: &str,
+        row: &Row,
         value: &str,
     ) -> Result<Option<String>, Failure> {
         let update = format!(
-            "UPDATE {} SET {column} = $1::{} WHERE ctid = $2::tid RETURNING {column}::text",
+            "UPDATE {} SET {column} = $1::{} WHERE ctid = $2::tid AND tableoid = $3
+             RETURNING {column}::text",
             self.qualified,
             if self.is_json { "jsonb" } else { "text" },
             column = self.column,
         );
         let stored = client
-            .update(update.as_str(), None, &[value.into(), ctid.into()])?
+            .update(
+                update.as_str(),
+                None,
+                &[value.into(), row.ctid.as_str().into(), row.table_oid.into()],
+            )?
             .first()
             .get_one::<String>()?;
         free_last_result();

@@ -105,7 +105,14 @@ fn verify() -> TableIterator<
             };
             let key = match reference_of(&scan, &row) {
                 Ok(Some(key)) => key,
-                Ok(None) => return Ok(()),
+                Ok(None) => {
+                    if let Some(target) = foreign_target(&scan, &row) {
+                        report(format!(
+                            "the row holds the reference of \"{target}\", not its own, so it reads as that text"
+                        ));
+                    }
+                    return Ok(());
+                }
                 Err(failure) => {
                     report(failure.message);
                     return Ok(());
@@ -124,6 +131,23 @@ fn verify() -> TableIterator<
         .or_raise();
     }
     TableIterator::new(problems)
+}
+
+/// Returns the path that a migrated row's value names when it is shaped like
+/// a reference but not the row's own. Such a value can only come from a
+/// writer that bypassed the write trigger.
+fn foreign_target(scan: &ColumnScan, row: &Row) -> Option<String> {
+    if !scan.is_migrated() {
+        return None;
+    }
+    let value = row.value.as_deref()?;
+    let target = if scan.is_json {
+        let parsed: Value = serde_json::from_str(value).ok()?;
+        reference::marker(&parsed)?.to_owned()
+    } else {
+        value.strip_prefix(reference::TEXT_PREFIX)?.to_owned()
+    };
+    (target != row.path).then_some(target)
 }
 
 /// Tells a reference that does not resolve from Vault being unavailable.
@@ -182,7 +206,7 @@ fn unmigrate_column(declaration: &Declaration) -> Result<(i64, i64, i64), Failur
             return Ok(());
         };
         let text = plaintext(&scan, &row, key.as_deref())?;
-        let stored = scan.update_returning(client, &row.ctid, &text)?;
+        let stored = scan.update_returning(client, &row, &text)?;
         if !same_value(scan.is_json, stored.as_deref(), &text) {
             return Err(Failure::new(
                 PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
