@@ -7,9 +7,10 @@
 -- Vault credentials, the tables or Vault.
 --
 -- No role: the trigger functions redirect_write, redirect_confirm,
--- redirect_delete and redirect_truncate. PostgreSQL checks EXECUTE on a trigger function only
--- when a trigger is created, which declare_* do as a superuser. The
--- triggers then fire for every role that writes to the table.
+-- redirect_begin, redirect_end, redirect_delete and redirect_truncate.
+-- PostgreSQL checks EXECUTE on a trigger function only when a trigger is
+-- created, which declare_* do as a superuser. The triggers then fire for
+-- every role that writes to the table.
 --
 -- Granted by the DBA to chosen roles: read and read_json read any entry
 -- under the secrets path; status and migration_progress show no secret.

@@ -5,7 +5,8 @@
 //!   row's reference before the row is stored, and the plaintext waits in
 //!   memory until the transaction commits (see `pending`). An INSERT's
 //!   secret is only proposed until the AFTER INSERT trigger confirms that
-//!   the row was stored, which `ON CONFLICT` may prevent;
+//!   the row was stored, which `ON CONFLICT` may prevent, and two statement
+//!   triggers mark where each INSERT statement begins and ends;
 //! - a row deleted, or whose key changes, queues its KV entry for deletion,
 //!   which the deletion worker carries out after the commit (see
 //!   `deletions`); TRUNCATE queues every row's entry.
@@ -35,8 +36,18 @@ pub const WRITE_TRIGGER: &str = "zz_vault_redirect_write";
 pub const DELETE_TRIGGER: &str = "zz_vault_redirect_delete";
 pub const TRUNCATE_TRIGGER: &str = "zz_vault_redirect_truncate";
 pub const CONFIRM_TRIGGER: &str = "zz_vault_redirect_confirm";
+pub const BEGIN_TRIGGER: &str = "zz_vault_redirect_begin";
+pub const END_TRIGGER: &str = "zz_vault_redirect_end";
+const TRIGGERS: [&str; 6] = [
+    WRITE_TRIGGER,
+    DELETE_TRIGGER,
+    TRUNCATE_TRIGGER,
+    CONFIRM_TRIGGER,
+    BEGIN_TRIGGER,
+    END_TRIGGER,
+];
 
-/// Creates the four triggers on a declared table, or replaces them. Their
+/// Creates the triggers on a declared table, or replaces them. Their
 /// arguments name the declared table, so that the partitions of a
 /// partitioned table, which get clones of the triggers, find the
 /// declarations too.
@@ -62,6 +73,13 @@ pub fn install_triggers(table: &Table) -> Result<(), Failure> {
             "redirect_truncate",
         ),
         (CONFIRM_TRIGGER, "AFTER INSERT", "ROW", "redirect_confirm"),
+        (
+            BEGIN_TRIGGER,
+            "BEFORE INSERT",
+            "STATEMENT",
+            "redirect_begin",
+        ),
+        (END_TRIGGER, "AFTER INSERT", "STATEMENT", "redirect_end"),
     ];
     for (name, when, level, function) in triggers {
         let name = quote_identifier(name);
@@ -76,12 +94,7 @@ pub fn install_triggers(table: &Table) -> Result<(), Failure> {
 
 /// Drops the triggers of a table that has no declared column left.
 pub fn drop_triggers(qualified_table: &str) -> Result<(), Failure> {
-    for name in [
-        WRITE_TRIGGER,
-        DELETE_TRIGGER,
-        TRUNCATE_TRIGGER,
-        CONFIRM_TRIGGER,
-    ] {
+    for name in TRIGGERS {
         Spi::run(&format!(
             "DROP TRIGGER IF EXISTS {} ON {qualified_table}",
             quote_identifier(name)
@@ -248,6 +261,7 @@ fn redirect_write<'a>(
     if declarations.is_empty() {
         return Ok(Some(new));
     }
+
     // SAFETY: tg_relation is open for the whole trigger call.
     let desc = unsafe { (*data.tg_relation).rd_att };
     let new_image = RowImage {
@@ -261,112 +275,20 @@ fn redirect_write<'a>(
         tuple: data.tg_trigtuple,
         desc,
     });
-    let all_declarations = declare::load_declarations(None).or_raise();
-    let mut changes: Vec<(i32, String)> = Vec::new();
+    let write = RowWrite {
+        new: &new_image,
+        old: old_image.as_ref(),
+        updated_columns: data.tg_updatedcols,
+        all_declarations: declare::load_declarations(None).or_raise(),
+    };
+    let mut changes = Vec::new();
     for declaration in &declarations {
-        let attno = new_image
-            .attno(declaration, &declaration.column_name)
-            .or_raise();
-        let (is_json, max_chars) = new_image.column_shape(attno);
-        let (path, label) = new_image.identity(declaration).or_raise();
-        let column = format!(
-            "{}.{}",
-            declaration.display_table(),
-            declaration.column_name
-        );
-        let value = new_image.text(attno);
-        // SAFETY: tg_updatedcols is the statement's set of assigned columns,
-        // valid for the trigger call; attribute numbers in it are offset by
-        // FirstLowInvalidHeapAttributeNumber.
-        let assigned = !is_update
-            || unsafe {
-                pg_sys::bms_is_member(
-                    attno - pg_sys::FirstLowInvalidHeapAttributeNumber,
-                    data.tg_updatedcols,
-                )
-            };
-        // The path of the entry the old row referred to, if it did.
-        let old_reference = old_image.as_ref().and_then(|old| {
-            let (old_path, _) = old.identity(declaration).or_raise();
-            let old_value = old.text(attno)?;
-            is_own_reference(is_json, &old_value, &old_path).then_some((old_path, old_value))
-        });
-        // An UPDATE of a row that an INSERT ... ON CONFLICT proposed: the
-        // INSERT's proposal for this path will not be stored as it is.
-        let proposal = match is_update {
-            true => KvPath::parse(&path)
-                .ok()
-                .and_then(|p| pending::take_proposal(&p)),
-            false => None,
-        };
-        let new_reference = match (&value, &old_reference) {
-            (None, _) => None,
-            // The key changed and the value is still the old reference: the
-            // secret moves to the new path.
-            (Some(value), Some((old_path, old_value)))
-                if old_path != &path && value == old_value =>
-            {
-                check_owner(declaration, &path, &label, &all_declarations).or_raise();
-                let entry = crate::read::fetch(old_path)
-                    .map_err(|f| f.context(&label))
-                    .or_raise();
-                let reference = moved_reference(declaration, is_json, value, &path);
-                check_length(&reference, max_chars, &label, &column).or_raise();
-                pending::add(
-                    checked_path(&path, &label).or_raise(),
-                    entry.data,
-                    label.clone(),
-                );
-                changes.push((attno, reference));
-                Some(path.clone())
-            }
-            (Some(value), old) => match plan(
-                declaration.secret_keys.as_deref(),
-                is_json,
-                value,
-                &path,
-                &label,
-            )
-            .or_raise()
-            {
-                Plan::Move {
-                    path: kv_path,
-                    data,
-                    reference,
-                } => {
-                    check_owner(declaration, &path, &label, &all_declarations).or_raise();
-                    check_length(&reference, max_chars, &label, &column).or_raise();
-                    match is_update {
-                        true => pending::add(kv_path, data, label),
-                        false => pending::propose(kv_path, data, label),
-                    }
-                    changes.push((attno, reference));
-                    Some(path.clone())
-                }
-                Plan::Skip if !is_own_reference(is_json, value, &path) => None,
-                Plan::Skip => {
-                    // The row referred to this entry already; for a column
-                    // with secret keys, its other keys may have changed.
-                    let unchanged =
-                        !assigned || old.as_ref().is_some_and(|(old_path, _)| old_path == &path);
-                    if let (Some(data), true) = (proposal, assigned) {
-                        // SET value = EXCLUDED.value: the proposed secret.
-                        pending::add(checked_path(&path, &label).or_raise(), data, label);
-                    } else if !unchanged {
-                        check_reference_write(&label).or_raise();
-                    }
-                    Some(path.clone())
-                }
-            },
-        };
-        // An entry that no longer has a row referring to it is deleted
-        // after the commit.
-        if let Some((old_path, _)) = old_reference {
-            if new_reference.as_ref() != Some(&old_path) {
-                queue_deletion(&old_path, declaration).or_raise();
-            }
+        if let Some(change) = write.column(declaration).or_raise() {
+            changes.push(change);
         }
     }
+
+    // The references replace the plaintext in the row that is stored.
     for (attno, reference) in changes {
         let datum = new_image.datum_from_text(attno, &reference);
         let attno = std::num::NonZeroUsize::new(attno as usize).expect("user columns start at 1");
@@ -374,6 +296,146 @@ fn redirect_write<'a>(
         unsafe { new.set_by_index_unchecked(attno, Some(datum)) };
     }
     Ok(Some(new))
+}
+
+/// One row written by INSERT or UPDATE, as the write trigger gets it.
+struct RowWrite<'a> {
+    new: &'a RowImage,
+    /// The row before an UPDATE.
+    old: Option<&'a RowImage>,
+    /// The columns that the UPDATE assigns.
+    updated_columns: *const pg_sys::Bitmapset,
+    all_declarations: Vec<Declaration>,
+}
+
+impl RowWrite<'_> {
+    /// Keeps the plaintext of one declared column for Vault and returns the
+    /// column's number and the reference to store in its place, or `None`
+    /// when the column keeps its value.
+    fn column(&self, declaration: &Declaration) -> Result<Option<(i32, String)>, Failure> {
+        let new = self.new;
+        let attno = new.attno(declaration, &declaration.column_name)?;
+        let (is_json, max_chars) = new.column_shape(attno);
+        let (path, label) = new.identity(declaration)?;
+        let column = format!(
+            "{}.{}",
+            declaration.display_table(),
+            declaration.column_name
+        );
+        let value = new.text(attno);
+
+        // The path and value of the old row, if it referred to its entry.
+        let mut old_reference = None;
+        if let Some(old) = self.old {
+            let (old_path, _) = old.identity(declaration)?;
+            if let Some(old_value) = old.text(attno) {
+                if is_own_reference(is_json, &old_value, &old_path) {
+                    old_reference = Some((old_path, old_value));
+                }
+            }
+        }
+        // An UPDATE of a row that an INSERT ... ON CONFLICT proposed: the
+        // INSERT's proposal for this path will not be stored as it is.
+        let proposal = match self.old {
+            Some(_) => KvPath::parse(&path)
+                .ok()
+                .and_then(|p| pending::take_proposal(&p)),
+            None => None,
+        };
+
+        let mut change = None;
+        let new_reference = match (&value, &old_reference) {
+            (None, _) => None,
+            // The key changed and the value is still the old reference: the
+            // secret moves to the new path.
+            (Some(value), Some((old_path, old_value)))
+                if old_path != &path && value == old_value =>
+            {
+                check_owner(declaration, &path, &label, &self.all_declarations)?;
+                let entry = crate::read::fetch(old_path).map_err(|f| f.context(&label))?;
+                let reference = moved_reference(declaration, is_json, value, &path);
+                check_length(&reference, max_chars, &label, &column)?;
+                pending::add(checked_path(&path, &label)?, entry.data, label.clone());
+                change = Some((attno, reference));
+                Some(path.clone())
+            }
+            (Some(value), _) => {
+                let plan = plan(
+                    declaration.secret_keys.as_deref(),
+                    is_json,
+                    value,
+                    &path,
+                    &label,
+                )?;
+                match plan {
+                    Plan::Move {
+                        path: kv_path,
+                        data,
+                        reference,
+                    } => {
+                        check_owner(declaration, &path, &label, &self.all_declarations)?;
+                        check_length(&reference, max_chars, &label, &column)?;
+                        match self.old {
+                            Some(_) => pending::add(kv_path, data, label),
+                            None => pending::propose(kv_path, data, label),
+                        }
+                        change = Some((attno, reference));
+                        Some(path.clone())
+                    }
+                    Plan::Skip if !is_own_reference(is_json, value, &path) => None,
+                    Plan::Skip => {
+                        self.keep_reference(attno, &path, &label, proposal, &old_reference)?;
+                        Some(path.clone())
+                    }
+                }
+            }
+        };
+
+        // An entry that no longer has a row referring to it is deleted
+        // after the commit.
+        if let Some((old_path, _)) = old_reference {
+            if new_reference.as_ref() != Some(&old_path) {
+                queue_deletion(&old_path, declaration)?;
+            }
+        }
+        Ok(change)
+    }
+
+    /// Handles a written value that is the row's own reference: the
+    /// proposed secret of `SET value = EXCLUDED.value`, a reference the row
+    /// had already, or one that only a superuser may store.
+    fn keep_reference(
+        &self,
+        attno: i32,
+        path: &str,
+        label: &str,
+        proposal: Option<serde_json::Map<String, serde_json::Value>>,
+        old_reference: &Option<(String, String)>,
+    ) -> Result<(), Failure> {
+        // SAFETY: the set of assigned columns is valid for the trigger
+        // call, and its members are offset by FirstLowInvalidHeapAttributeNumber.
+        let assigned = self.old.is_none()
+            || unsafe {
+                pg_sys::bms_is_member(
+                    attno - pg_sys::FirstLowInvalidHeapAttributeNumber,
+                    self.updated_columns,
+                )
+            };
+        if let (Some(data), true) = (proposal, assigned) {
+            pending::add(checked_path(path, label)?, data, label.to_owned());
+            return Ok(());
+        }
+        // The row referred to this entry already; for a column with secret
+        // keys, its other keys may have changed.
+        let unchanged = !assigned
+            || old_reference
+                .as_ref()
+                .is_some_and(|(old_path, _)| old_path == path);
+        if unchanged {
+            return Ok(());
+        }
+        check_reference_write(label)
+    }
 }
 
 /// Raises unless the calling role may store a reference as it is. Only a
@@ -447,6 +509,26 @@ fn checked_path(path: &str, label: &str) -> Result<KvPath, Failure> {
             .context(label)
             .hint("Fix the row's path so that it is a valid KV path.")
     })
+}
+
+/// BEFORE INSERT, for each statement: marks where the statement's
+/// proposals begin.
+#[pg_trigger]
+fn redirect_begin<'a>(
+    _trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
+    pending::begin_statement();
+    Ok(None)
+}
+
+/// AFTER INSERT, for each statement: drops the proposals whose rows were
+/// not stored.
+#[pg_trigger]
+fn redirect_end<'a>(
+    _trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
+    pending::end_statement();
+    Ok(None)
 }
 
 /// AFTER INSERT, for each row: confirms the secrets that the row's INSERT

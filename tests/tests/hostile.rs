@@ -294,6 +294,37 @@ fn dropped_column_undeclared() {
 }
 
 #[test]
+fn renamed_column_stops_writes() {
+    let stack = Stack::configured(&[]);
+    stack.pg.psql(
+        "CREATE TABLE creds (id int PRIMARY KEY, pass text);
+         INSERT INTO creds VALUES (1, 'old-secret');
+         SELECT vault_redirect.declare_column('creds', 'pass');
+         SELECT * FROM vault_redirect.migrate();
+         ALTER TABLE creds RENAME COLUMN pass TO password;",
+    );
+    let mut client = stack.superuser();
+    // The write trigger cannot find the declared column, so it stops the
+    // write rather than let plaintext into the renamed column.
+    let error = client
+        .execute("INSERT INTO creds VALUES (2, 'new-secret')", &[])
+        .expect_err("a write to a table whose declared column was renamed");
+    let db = db_error(&error);
+    assert_eq!(db.code().code(), "42703", "{}", describe(&error));
+    assert!(db.message().contains("\"pass\""), "{}", describe(&error));
+    assert!(db.hint().unwrap_or_default().contains("undeclare"));
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM creds", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "the failed INSERT stored a row");
+    assert_eq!(
+        stack.kv_get("public/creds/1/pass"),
+        Some(json!({"secret": "old-secret"}))
+    );
+}
+
+#[test]
 fn successful_configure_logs_no_credentials() {
     let stack = Stack::configured(&[]);
     let log = stack.pg.log_contents();

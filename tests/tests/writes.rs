@@ -951,11 +951,35 @@ fn partitions_and_replica_role_redirect() {
                  PARTITION BY LIST (site);
              CREATE TABLE creds_1 PARTITION OF creds FOR VALUES IN (1);
              CREATE TABLE creds_2 PARTITION OF creds FOR VALUES IN (2);
-             INSERT INTO creds VALUES (1, 1, 'w-part-old');
+             INSERT INTO creds VALUES (1, 1, 'w-part-old-1'), (2, 1, 'w-part-old-2');
              SELECT vault_redirect.declare_column('creds', 'pass');
              SELECT * FROM vault_redirect.migrate();",
         )
         .unwrap_or_else(|e| panic!("setting up the partitioned table failed: {}", describe(&e)));
+    // Rows of different partitions can share a ctid; each gets its own
+    // reference.
+    for site in [1, 2] {
+        let stored: String = admin
+            .query_one(
+                "SELECT pass FROM creds WHERE site = $1 AND id = 1",
+                &[&site],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            stored,
+            format!("$vault_redirect:public/creds/{site}/1/pass")
+        );
+        assert_eq!(
+            stack.kv_get(&format!("public/creds/{site}/1/pass")),
+            Some(json!({ "secret": format!("w-part-old-{site}") }))
+        );
+    }
+    let problems: i64 = admin
+        .query_one("SELECT count(*) FROM vault_redirect.verify()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(problems, 0);
     // A row written to a partition goes to Vault under the declared table.
     admin
         .execute("INSERT INTO creds VALUES (2, 7, 'w-part-new')", &[])
@@ -1013,4 +1037,141 @@ fn prepare_transaction_refused() {
     .unwrap_or_else(|e| panic!("a plain prepared transaction failed: {}", describe(&e)));
     app.batch_execute("COMMIT PREPARED 'vault_redirect_plain'")
         .unwrap_or_else(|e| panic!("COMMIT PREPARED failed: {}", describe(&e)));
+}
+
+#[test]
+fn proposals_end_with_their_statement() {
+    let stack = migrated_stack();
+    let mut app = stack.pg.connect("app");
+    // One Query message: the DO NOTHING proposal of the first INSERT must
+    // not reach Vault through the second INSERT of the same path.
+    app.batch_execute(
+        "BEGIN;
+         INSERT INTO maasserver_secret (path, value)
+         VALUES ('global/omapi-key', '{\"secret\": \"w-not-stored\"}') ON CONFLICT DO NOTHING;
+         DELETE FROM maasserver_secret WHERE path = 'global/omapi-key';
+         INSERT INTO maasserver_secret (path, value)
+         VALUES ('global/omapi-key', '{\"secret\": \"w-stored\"}');
+         COMMIT;",
+    )
+    .unwrap();
+    assert_eq!(
+        stack.kv_get("global/omapi-key"),
+        Some(json!({ "secret": "w-stored" }))
+    );
+    // A DO block: the proposal ignored by DO NOTHING must not be taken by
+    // a later UPDATE that writes back the row's reference.
+    let original = stack.kv_get("global/macaroon-key").unwrap();
+    app.batch_execute(
+        "DO $$ BEGIN
+           INSERT INTO maasserver_secret (path, value)
+           VALUES ('global/macaroon-key', '{\"secret\": \"w-ignored\"}') ON CONFLICT DO NOTHING;
+           UPDATE maasserver_secret SET value = value, updated = now()
+            WHERE path = 'global/macaroon-key';
+         END $$;",
+    )
+    .unwrap();
+    assert_eq!(stack.kv_get("global/macaroon-key"), Some(original));
+    // An error inside a savepoint ends the statements it interrupted.
+    app.batch_execute(
+        "DO $$ BEGIN
+           BEGIN
+             INSERT INTO maasserver_secret (path, value)
+             VALUES ('global/in-block', '{\"secret\": \"w-block\"}');
+             PERFORM 1 / 0;
+           EXCEPTION WHEN division_by_zero THEN NULL;
+           END;
+           INSERT INTO maasserver_secret (path, value)
+           VALUES ('global/after-block', '{\"secret\": \"w-after\"}');
+         END $$;",
+    )
+    .unwrap();
+    assert_eq!(stack.kv_get("global/in-block"), None);
+    assert_eq!(
+        stack.kv_get("global/after-block"),
+        Some(json!({ "secret": "w-after" }))
+    );
+}
+
+#[test]
+fn serialization_failure_puts_values_back() {
+    let stack = migrated_stack();
+    let original_a = stack.kv_get("global/rpc-shared").unwrap();
+    let original_b = stack.kv_get("global/omapi-key").unwrap();
+    let mut first = stack.pg.connect("app");
+    let mut second = stack.pg.connect("app");
+    for client in [&mut first, &mut second] {
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+            .unwrap();
+    }
+    // A write skew: each reads the row the other writes.
+    first
+        .query(
+            "SELECT value FROM maasserver_secret WHERE path = 'global/rpc-shared'",
+            &[],
+        )
+        .unwrap();
+    second
+        .query(
+            "SELECT value FROM maasserver_secret WHERE path = 'global/omapi-key'",
+            &[],
+        )
+        .unwrap();
+    first
+        .execute(
+            "UPDATE maasserver_secret SET value = '{\"secret\": \"w-by-first\"}' WHERE path = 'global/omapi-key'",
+            &[],
+        )
+        .unwrap();
+    second
+        .execute(
+            "UPDATE maasserver_secret SET value = '{\"secret\": \"w-by-second\"}' WHERE path = 'global/rpc-shared'",
+            &[],
+        )
+        .unwrap();
+    first.batch_execute("COMMIT").unwrap();
+    let error = second
+        .batch_execute("COMMIT")
+        .expect_err("the second commit must fail to serialize");
+    assert_eq!(
+        db_error(&error).code().code(),
+        "40001",
+        "{}",
+        describe(&error)
+    );
+    // The second commit wrote its secret before PostgreSQL refused it, and
+    // the abort put the earlier value back. PostgreSQL sends the error
+    // before it aborts, so the session's next statement is what waits for
+    // the abort to end.
+    second.batch_execute("SELECT 1").unwrap();
+    assert_eq!(stack.kv_get("global/rpc-shared"), Some(original_a));
+    assert_ne!(stack.kv_get("global/omapi-key"), Some(original_b));
+    assert_eq!(
+        stack.kv_get("global/omapi-key"),
+        Some(json!({ "secret": "w-by-first" }))
+    );
+}
+
+#[test]
+fn verify_reports_foreign_references() {
+    let stack = migrated_stack();
+    let mut admin = stack.superuser();
+    admin
+        .batch_execute(
+            "ALTER TABLE maasserver_secret DISABLE TRIGGER zz_vault_redirect_write;
+             UPDATE maasserver_secret SET value = '{\"$vault_redirect\": \"global/tls\"}'
+              WHERE path = 'global/omapi-key';
+             ALTER TABLE maasserver_secret ENABLE ALWAYS TRIGGER zz_vault_redirect_write;",
+        )
+        .unwrap();
+    let problems: Vec<(String, String)> = admin
+        .query("SELECT path, problem FROM vault_redirect.verify()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].0, "global/omapi-key");
+    assert!(problems[0].1.contains("global/tls"), "{problems:?}");
 }
