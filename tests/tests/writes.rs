@@ -1175,3 +1175,69 @@ fn verify_reports_foreign_references() {
     assert_eq!(problems[0].0, "global/omapi-key");
     assert!(problems[0].1.contains("global/tls"), "{problems:?}");
 }
+
+#[test]
+fn cancel_during_commit_rolls_back() {
+    let stack = migrated_stack();
+    let original = stack.kv_get("global/tls").unwrap();
+    let mut writer = stack.pg.connect("app");
+    // A backstop, so that a cancel that is never acted on fails the test
+    // instead of hanging it.
+    writer
+        .batch_execute(
+            "SET statement_timeout = '30s';
+             BEGIN;
+             UPDATE maasserver_secret SET value = '{\"key\": \"w-canceled\"}' WHERE path = 'global/tls';",
+        )
+        .unwrap();
+    let pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let mut admin = stack.superuser();
+    stack.bao.suspend();
+    let commit = thread::spawn(move || {
+        let result = writer.batch_execute("COMMIT");
+        (writer, result)
+    });
+    // Waits until the COMMIT is stuck in its request to the stopped server.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state: Option<String> = admin
+            .query_one("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .unwrap()
+            .get(0);
+        if state.as_deref() == Some("active") || commit.is_finished() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the COMMIT did not start");
+        thread::sleep(Duration::from_millis(20));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let canceled_at = Instant::now();
+    admin
+        .execute("SELECT pg_cancel_backend($1)", &[&pid])
+        .unwrap();
+    let (mut writer, result) = commit.join().expect("the commit thread panicked");
+    let delay = canceled_at.elapsed();
+    stack.bao.resume();
+
+    let error = result.expect_err("a canceled COMMIT fails");
+    assert_eq!(
+        db_error(&error).code().code(),
+        "57014",
+        "{}",
+        describe(&error)
+    );
+    assert!(
+        delay < Duration::from_secs(5),
+        "the COMMIT returned {delay:?} after the cancel"
+    );
+    writer.batch_execute("SELECT 1").unwrap();
+    assert_eq!(stack.kv_get("global/tls"), Some(original.clone()));
+    assert_eq!(
+        stored(&mut writer, "global/tls"),
+        Some(reference("global/tls"))
+    );
+    assert_eq!(resolved(&mut writer, "global/tls"), Some(original));
+}
