@@ -95,7 +95,69 @@ fn load_own_config() -> Result<Option<ServerConfig>, Failure> {
         .detail("A base backup copies the data directory, this file included.")
         .hint("Run vault_redirect.configure() on this server with its own AppRole and wrapped secret_id."));
     }
+    if config.database_oid != database_oid() {
+        return Err(other_database(&config));
+    }
     Ok(Some(config))
+}
+
+/// The error for a database of the cluster that the configuration is not
+/// for. Its declared tables may be copies of the configured database's, so
+/// they would share Vault entries with it.
+fn other_database(config: &ServerConfig) -> Failure {
+    Failure::new(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!(
+            "vault_redirect is configured for database \"{}\" of this server, not for \"{}\"",
+            config.database_name,
+            database_name()
+        ),
+    )
+    .detail("One database per server uses Vault. A database copied from it, as a template or from a dump, would share its entries, and deleting or replacing them would break the original.")
+    .hint(format!(
+        "Use the extension in database \"{}\"; to move the configuration, drop that database first, then run vault_redirect.configure() here.",
+        config.database_name
+    ))
+}
+
+/// Raises when the configuration file belongs to another database of the
+/// cluster that still exists. Called by configure() before it replaces it.
+pub fn check_database_owns_config() -> Result<(), Failure> {
+    let Some(config) = config::load(&config_path())? else {
+        return Ok(());
+    };
+    if config.database_oid == database_oid()
+        || config.data_dir_id != config::data_dir_id(&data_dir())?
+    {
+        return Ok(());
+    }
+    let exists = crate::query::select_value::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE oid = $1)",
+        &[pg_sys::Oid::from(config.database_oid).into()],
+    )?;
+    match exists {
+        Some(true) => Err(other_database(&config)),
+        _ => Ok(()),
+    }
+}
+
+/// Returns the OID of the database this backend is connected to.
+pub fn database_oid() -> u32 {
+    // SAFETY: MyDatabaseId is set for the whole life of a backend.
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// Returns the name of the database this backend is connected to.
+pub fn database_name() -> String {
+    // SAFETY: get_database_name returns a palloc'd copy, or NULL for a
+    // database that no longer exists.
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            return String::new();
+        }
+        CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
 }
 
 /// Reads the transport settings for a Vault at `url`.

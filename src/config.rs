@@ -29,6 +29,11 @@ pub struct ServerConfig {
     /// Device and inode of the data directory the file was written for. A
     /// base backup copies the file to a standby, where they differ.
     pub data_dir_id: String,
+    /// OID and name of the database that configure() ran in. Only that
+    /// database uses the file: a copy of it, made from it as a template or
+    /// restored from a dump, has another OID.
+    pub database_oid: u32,
+    pub database_name: String,
     /// Seconds since the Unix epoch.
     pub configured_at: u64,
 }
@@ -119,6 +124,11 @@ pub fn load(path: &Path) -> Result<Option<ServerConfig>, ConfigError> {
         secrets_path: field("secrets_path")?,
         server_name: field("server_name")?,
         data_dir_id: field("data_dir_id")?,
+        database_oid: value["database_oid"]
+            .as_u64()
+            .and_then(|oid| u32::try_from(oid).ok())
+            .ok_or_else(|| invalid("missing the number field \"database_oid\"".into()))?,
+        database_name: field("database_name")?,
         configured_at: value["configured_at"].as_u64().unwrap_or(0),
     }))
 }
@@ -144,6 +154,8 @@ pub fn save(path: &Path, config: &ServerConfig) -> Result<(), ConfigError> {
         "secrets_path": config.secrets_path,
         "server_name": config.server_name,
         "data_dir_id": config.data_dir_id,
+        "database_oid": config.database_oid,
+        "database_name": config.database_name,
         "configured_at": config.configured_at,
     });
     let temp = path.with_extension(format!("conf.tmp.{}", std::process::id()));

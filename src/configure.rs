@@ -94,11 +94,14 @@ fn run(
         secrets_path,
         server_name: server_name.to_owned(),
         data_dir_id: config::data_dir_id(&backend::data_dir())?,
+        database_oid: backend::database_oid(),
+        database_name: backend::database_name(),
         configured_at: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
+    backend::check_database_owns_config()?;
     let mut client = backend::client_for(&config, false)?;
 
     let info = client.wrapping_lookup(&wrapped)?;

@@ -79,6 +79,9 @@ pub extern "C-unwind" fn vault_redirect_deletion_worker(argument: pg_sys::Datum)
     let database = unsafe { pg_sys::Oid::from_datum(argument, false) };
     BackgroundWorker::connect_worker_to_spi_by_oid(database, None);
     BackgroundWorker::transaction(|| {
+        // Each check of the rows must see what committed while the worker
+        // waited for its locks, whatever the database's default is.
+        Spi::run("SET default_transaction_isolation = 'read committed'")?;
         Spi::run_with_args("SELECT pg_advisory_lock($1)", &[WORKER_LOCK.into()])
     })
     .unwrap_or_else(|e| Failure::from(e).raise());
@@ -268,6 +271,16 @@ fn process_deletions() -> TableIterator<
     ),
 > {
     require_superuser("vault_redirect.process_deletions");
+    check_fresh_snapshots("vault_redirect.process_deletions").or_raise();
+    if crate::pending::deletions_queued() {
+        Failure::new(
+            PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+            "vault_redirect.process_deletions() cannot run in the transaction that deleted the rows",
+        )
+        .detail("A rollback would bring the rows back after their KV entries were deleted.")
+        .hint("Commit the transaction first; the deletion worker then deletes the entries, or run process_deletions() after the commit.")
+        .raise();
+    }
     let mut total = Run::default();
     loop {
         let run = process_batch().or_raise();
@@ -298,6 +311,7 @@ fn gc(
     dry_run: default!(bool, true),
 ) -> TableIterator<'static, (name!(path, String), name!(action, String))> {
     require_superuser("vault_redirect.gc");
+    check_fresh_snapshots("vault_redirect.gc").or_raise();
     let _suspended = crate::transparent::Suspended::new();
     let declarations = declare::load_declarations(None).or_raise();
     hold_off_writers(&declarations).or_raise();
@@ -329,6 +343,23 @@ fn gc(
         result.push((path, action.to_owned()));
     }
     TableIterator::new(result)
+}
+
+/// Raises under REPEATABLE READ or SERIALIZABLE. The transaction's snapshot
+/// would predate the locks that hold writers off, so a row committed while
+/// they were awaited would look absent and its entry be deleted.
+fn check_fresh_snapshots(function: &str) -> Result<(), Failure> {
+    // SAFETY: reads the current transaction's isolation level.
+    let level = unsafe { pg_sys::XactIsoLevel };
+    if level < pg_sys::XACT_REPEATABLE_READ as i32 {
+        return Ok(());
+    }
+    Err(Failure::new(
+        PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+        format!("{function}() must run at the READ COMMITTED isolation level"),
+    )
+    .detail("A transaction snapshot taken before its locks were granted would miss rows committed meanwhile, and their entries would be deleted.")
+    .hint("Run it in its own transaction at READ COMMITTED, for example after SET default_transaction_isolation = 'read committed'."))
 }
 
 fn queued_paths() -> Result<BTreeSet<String>, Failure> {

@@ -181,6 +181,11 @@ pub fn lookup(path: &KvPath, proposals: bool) -> Option<Map<String, Value>> {
     })
 }
 
+/// Reports whether this transaction queued deletions.
+pub fn deletions_queued() -> bool {
+    STATE.with(|state| state.borrow().deletions_queued)
+}
+
 /// Records that this transaction queued deletions, so that the deletion
 /// worker starts once it commits.
 pub fn note_deletions_queued() {

@@ -165,6 +165,21 @@ impl RowImage {
         }
     }
 
+    /// Returns a key column's value as `::text` gives it, which is how the
+    /// other paths of the extension make KV paths: without the padding of
+    /// a `char(n)` value.
+    fn key_text(&self, attno: i32) -> Option<String> {
+        let text = self.text(attno)?;
+        // SAFETY: desc outlives this call; attno is a valid user column.
+        let desc = unsafe { PgTupleDesc::from_pg_unchecked(self.desc) };
+        match desc.get(attno as usize - 1) {
+            Some(attribute) if attribute.atttypid == pg_sys::BPCHAROID => {
+                Some(text.trim_end_matches(' ').to_owned())
+            }
+            _ => Some(text),
+        }
+    }
+
     /// Returns the KV path of a declared column of this row, and how
     /// messages name the row.
     fn identity(&self, declaration: &Declaration) -> Result<(String, String), Failure> {
@@ -172,7 +187,7 @@ impl RowImage {
         match &declaration.path_column {
             Some(path_column) => {
                 let path = self
-                    .text(self.attno(declaration, path_column)?)
+                    .key_text(self.attno(declaration, path_column)?)
                     .unwrap_or_default();
                 let label = format!("row with path \"{path}\" of {table}");
                 Ok((path, label))
@@ -180,7 +195,7 @@ impl RowImage {
             None => {
                 let mut keys = Vec::new();
                 for key in &declaration.key_columns {
-                    keys.push(self.text(self.attno(declaration, key)?));
+                    keys.push(self.key_text(self.attno(declaration, key)?));
                 }
                 Ok(row_identity(
                     &table,

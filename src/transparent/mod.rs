@@ -97,6 +97,12 @@ unsafe extern "C-unwind" fn post_parse_analyze(
         if !pg_sys::IsTransactionState() || pg_sys::creating_extension {
             return;
         }
+        // Inside a SECURITY DEFINER function the resolvers would run as the
+        // function's owner, so the caller's setting would turn what the
+        // function returns into plaintext that the caller may not read.
+        if pg_sys::InLocalUserIdChange() || pg_sys::InSecurityRestrictedOperation() {
+            return;
+        }
         let Some(statement) = readable_query(query) else {
             return;
         };

@@ -517,3 +517,26 @@ fn maas_statements_round_trip() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// A SECURITY DEFINER function runs its queries as its owner, so the
+/// caller's setting must not turn what it returns into plaintext.
+#[test]
+fn definer_functions_not_rewritten() {
+    let stack = migrated_stack();
+    stack.pg.psql(
+        "CREATE FUNCTION public.value_of(p text) RETURNS jsonb LANGUAGE sql SECURITY DEFINER
+             SET search_path = pg_catalog
+             AS $$ SELECT value FROM public.maasserver_secret WHERE path = p $$;
+         REVOKE ALL ON FUNCTION public.value_of(text) FROM PUBLIC;
+         CREATE ROLE lowpriv LOGIN;
+         GRANT EXECUTE ON FUNCTION public.value_of(text) TO lowpriv;",
+    );
+    let mut lowpriv = stack.pg.connect("lowpriv");
+    lowpriv
+        .batch_execute("SET vault_redirect.transparent_reads = on")
+        .unwrap();
+    assert_eq!(
+        json_value(&mut lowpriv, "SELECT public.value_of($1)", PATH),
+        reference(PATH)
+    );
+}

@@ -1241,3 +1241,114 @@ fn cancel_during_commit_rolls_back() {
     );
     assert_eq!(resolved(&mut writer, "global/tls"), Some(original));
 }
+
+#[test]
+fn other_database_not_configured() {
+    let stack = migrated_stack();
+    stack.pg.psql("CREATE DATABASE other;");
+    let mut other = stack
+        .pg
+        .config("postgres")
+        .dbname("other")
+        .connect(postgres::NoTls)
+        .unwrap();
+    other
+        .batch_execute(
+            "CREATE EXTENSION vault_redirect;
+             CREATE TABLE maasserver_secret (path text PRIMARY KEY, value jsonb);
+             SELECT vault_redirect.declare_kv_table('maasserver_secret', 'path', 'value');",
+        )
+        .unwrap();
+    // The configuration belongs to database postgres: another database of
+    // the cluster, maybe a copy of it, must not delete or replace its
+    // entries.
+    for sql in [
+        "SELECT * FROM vault_redirect.gc(dry_run => false)",
+        "SELECT * FROM vault_redirect.migrate()",
+        "SELECT vault_redirect.read('global/tls', 'key')",
+    ] {
+        let error = other.query(sql, &[]).expect_err(sql);
+        let db = db_error(&error);
+        assert_eq!(db.code().code(), "55000", "{sql}: {}", describe(&error));
+        assert!(
+            db.message().contains("\"postgres\""),
+            "{}",
+            describe(&error)
+        );
+        assert!(db.hint().is_some());
+    }
+    let wrapped = stack.bao.wrapped_secret_id("pg-primary");
+    let error = stack
+        .configure(&mut other, &stack.role_id, &wrapped)
+        .expect_err("configure() must not take the configuration from postgres");
+    assert_eq!(
+        db_error(&error).code().code(),
+        "55000",
+        "{}",
+        describe(&error)
+    );
+    assert!(stack.kv_get("global/tls").is_some());
+    let mut app = stack.pg.connect("app");
+    assert!(resolved(&mut app, "global/tls").is_some());
+}
+
+#[test]
+fn deletions_need_fresh_snapshots() {
+    let stack = migrated_stack();
+    let mut admin = stack.superuser();
+    for sql in [
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT * FROM vault_redirect.gc(dry_run => false)",
+        "BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT * FROM vault_redirect.process_deletions()",
+        "BEGIN; DELETE FROM maasserver_secret WHERE path = 'global/tls';
+         SELECT * FROM vault_redirect.process_deletions()",
+    ] {
+        let error = admin.batch_execute(sql).expect_err(sql);
+        let db = db_error(&error);
+        assert_eq!(db.code().code(), "25000", "{sql}: {}", describe(&error));
+        assert!(db.hint().is_some());
+        admin.batch_execute("ROLLBACK").unwrap();
+    }
+    assert!(stack.kv_get("global/tls").is_some());
+    assert!(resolved(&mut admin, "global/tls").is_some());
+}
+
+#[test]
+fn char_keys_keep_their_paths() {
+    let stack = migrated_stack();
+    let mut admin = stack.superuser();
+    admin
+        .batch_execute(
+            "CREATE TABLE ck (k char(5) PRIMARY KEY, pw text);
+             INSERT INTO ck VALUES ('ab', 'w-ck-old');
+             SELECT vault_redirect.declare_column('ck', 'pw');
+             SELECT * FROM vault_redirect.migrate();
+             UPDATE ck SET pw = 'w-ck-new' WHERE k = 'ab';
+             INSERT INTO ck VALUES ('ef', 'w-ck-ef');",
+        )
+        .unwrap_or_else(|e| panic!("writing the char-keyed table failed: {}", describe(&e)));
+    assert_eq!(
+        stack.kv_get("public/ck/ab/pw"),
+        Some(json!({ "secret": "w-ck-new" }))
+    );
+    assert_eq!(
+        stack.kv_get("public/ck/ef/pw"),
+        Some(json!({ "secret": "w-ck-ef" }))
+    );
+    let read: Vec<String> = admin
+        .query("SELECT pw FROM vault_redirect_resolved.ck ORDER BY k", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(read, ["w-ck-new", "w-ck-ef"]);
+    let problems: i64 = admin
+        .query_one("SELECT count(*) FROM vault_redirect.verify()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(problems, 0);
+    let orphans: i64 = admin
+        .query_one("SELECT count(*) FROM vault_redirect.gc()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(orphans, 0);
+}
