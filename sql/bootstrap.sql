@@ -35,7 +35,7 @@ SELECT pg_catalog.pg_extension_config_dump('vault_redirect.servers', '');
 
 -- KV entries of deleted rows, waiting for the deletion worker. Rows come
 -- and go with the transactions that delete declared rows. What stays here
--- could not be deleted yet, and last_error says why. pg_dump leaves it out,
+-- could not be deleted yet, and last_error gives the reason. pg_dump leaves it out,
 -- because a restored database must not delete the entries of its source.
 CREATE TABLE vault_redirect.deletion_queue (
     path text PRIMARY KEY,

@@ -101,9 +101,9 @@ fn load_own_config() -> Result<Option<ServerConfig>, Failure> {
     Ok(Some(config))
 }
 
-/// The error for a database of the cluster that the configuration is not
-/// for. Its declared tables may be copies of the configured database's, so
-/// they would share Vault entries with it.
+/// Returns the error for a database of the cluster that the configuration
+/// is not for. Its declared tables may be copies of the configured
+/// database's, so they would share Vault entries with it.
 fn other_database(config: &ServerConfig) -> Failure {
     Failure::new(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -220,11 +220,11 @@ fn declare_column(
 /// Raises unless `keys` suits a jsonb column: one or more distinct, non-empty
 /// keys, none of them the reference marker.
 fn check_secret_keys(table: &Table, column: &str, column_type: &str, keys: &[String]) {
-    let shown = format!("{{{}}}", keys.join(","));
+    let keys_text = format!("{{{}}}", keys.join(","));
     if column_type != "jsonb" {
         Failure::invalid_parameter(
             "secret_keys",
-            &shown,
+            &keys_text,
             format!(
                 "column \"{column}\" of {} is {column_type}, not jsonb",
                 table.display()
@@ -245,13 +245,13 @@ fn check_secret_keys(table: &Table, column: &str, column_type: &str, keys: &[Str
             None
         };
         if let Some(reason) = reason {
-            Failure::invalid_parameter("secret_keys", &shown, reason)
+            Failure::invalid_parameter("secret_keys", &keys_text, reason)
                 .hint("Give each secret key once, such as ARRAY['power_pass', 'power_key'].")
                 .raise();
         }
     }
     if keys.is_empty() {
-        Failure::invalid_parameter("secret_keys", &shown, "no key is given")
+        Failure::invalid_parameter("secret_keys", &keys_text, "no key is given")
             .hint("Give NULL to keep the whole value in Vault, or name the secret keys.")
             .raise();
     }

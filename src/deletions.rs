@@ -37,9 +37,9 @@ const WORKER_LOCK: i64 = 0x7661_756c_745f_6463; // "vault_dc"
 /// The folder under the secrets path where configure() keeps server markers.
 const RESERVED_FOLDER: &str = "_vault_redirect/";
 
-/// Starts the deletion worker for the current database. Called after a
-/// commit, so it never raises; when no worker slot is free, the entries
-/// wait for the next start.
+/// Starts the deletion worker for the current database. It runs after a
+/// commit, where an error can no longer abort anything, so a full worker
+/// table only gives a WARNING, and the entries wait for the next start.
 pub fn start_worker() {
     // SAFETY: MyDatabaseId is set for the whole life of a backend.
     let database = unsafe { pg_sys::MyDatabaseId };

@@ -34,14 +34,14 @@ pub fn declared_columns() -> Result<(i64, i64), Failure> {
     Ok((declared.unwrap_or(0), migrated.unwrap_or(0)))
 }
 
-/// Which rows an SPI query run inside another statement sees.
+/// The snapshot of an SPI query that runs inside another statement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Snapshot {
-    /// The calling statement's own snapshot, as a STABLE function sees it:
-    /// rows written by that statement are not visible, rows it deleted are.
+    /// The calling statement's own snapshot, as a STABLE function gets it.
+    /// Rows written by that statement are not visible, rows it deleted are.
     Statement,
     /// A new snapshot taken after a command counter increment, as a
-    /// VOLATILE function sees it: rows the calling statement inserted or
+    /// VOLATILE function gets it. Rows the calling statement inserted or
     /// updated so far are visible, rows it deleted are not.
     Fresh,
 }

@@ -161,7 +161,7 @@ fn column_jsonb(
     };
     let declaration = declared(table_oid, column_name).or_raise();
     // A column declared with secret keys keeps its other keys next to the
-    // marker; any other column's reference is the marker and a key at most.
+    // marker. Any other column's reference is the marker and a key at most.
     let key = match &declaration.secret_keys {
         Some(_) => None,
         None => match reference::parse_json(&value) {

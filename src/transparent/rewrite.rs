@@ -274,8 +274,8 @@ unsafe fn rewrite_query(rewriter: &Rewriter, query: *mut pg_sys::Query) {
         }
         statement.mutate_target_list((*query).targetList);
         // RETURNING of INSERT and UPDATE shows rows this statement wrote,
-        // which only a fresh snapshot sees. DELETE's shows rows it deleted,
-        // which only the statement's snapshot still sees.
+        // which only a fresh snapshot contains. DELETE's shows rows it
+        // deleted, which only the statement's snapshot still contains.
         let returning = Scope {
             snapshot: if (*query).commandType == pg_sys::CmdType::CMD_DELETE {
                 Snapshot::Statement

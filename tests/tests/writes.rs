@@ -201,6 +201,7 @@ fn rollback_and_savepoints_leave_vault_alone() {
         &[],
     )
     .unwrap();
+
     // The transaction reads its own write before it commits.
     let inside: Value = tx
         .query_one(
@@ -288,6 +289,7 @@ fn commit_fails_when_vault_is_sealed() {
 fn failed_commit_undoes_earlier_writes() {
     let stack = migrated_stack();
     let mut admin = stack.superuser();
+
     // A second declared table, whose row is written after the first.
     admin
         .batch_execute(
@@ -305,16 +307,17 @@ fn failed_commit_undoes_earlier_writes() {
     .unwrap();
     tx.execute("INSERT INTO public.other VALUES (1, 'w-other')", &[])
         .unwrap();
+
     // The policy now refuses the second table's paths, so that the first
     // write of the commit succeeds and the second fails.
-    let refusing = format!(
+    let denying_policy = format!(
         "{}path \"secret/data/maas/public/other/*\" {{ capabilities = [\"deny\"] }}\n",
         approle_policy("secret", "maas")
     );
     let (status, _) = stack.bao.request(
         "PUT",
         "/v1/sys/policies/acl/pg-primary-policy",
-        Some(&json!({ "policy": refusing })),
+        Some(&json!({ "policy": denying_policy })),
     );
     assert!(
         status == 200 || status == 204,
@@ -462,6 +465,7 @@ fn wide_table_rows_write_to_vault() {
         .unwrap()
         .get(0);
     assert_eq!(view, params);
+
     // COPY goes through the same trigger.
     let mut writer = app
         .copy_in("COPY maasserver_bmc (id, power_type, power_parameters) FROM STDIN")
@@ -483,6 +487,7 @@ fn wide_table_rows_write_to_vault() {
 #[test]
 fn concurrent_writers_of_one_secret() {
     let stack = migrated_stack();
+
     // Two sessions update the same row: the second waits for the first, and
     // Vault ends with the value of the transaction that committed last.
     let mut first = stack.pg.connect("app");
@@ -582,6 +587,7 @@ fn gc_finds_orphans_only() {
         .unwrap()
         .get(0);
     assert_eq!(problems, 0, "gc removed an entry a row uses");
+
     // gc is for superusers only.
     let mut app = stack.pg.connect("app");
     let error = app
@@ -697,6 +703,7 @@ fn secret_keys_split_and_merge() {
         bmc_view(&mut app, 1),
         json!({ "power_address": "192.0.2.11", "power_user": "maas", "power_pass": "test-bmc-pass-1111" })
     );
+
     // A row without secret keys stays as it is.
     assert_eq!(bmc_row(&mut app, 16), json!({}));
     assert_eq!(stack.kv_get(&path(16)), None);
@@ -956,6 +963,7 @@ fn partitions_and_replica_role_redirect() {
              SELECT * FROM vault_redirect.migrate();",
         )
         .unwrap_or_else(|e| panic!("setting up the partitioned table failed: {}", describe(&e)));
+
     // Rows of different partitions can share a ctid; each gets its own
     // reference.
     for site in [1, 2] {
@@ -980,6 +988,7 @@ fn partitions_and_replica_role_redirect() {
         .unwrap()
         .get(0);
     assert_eq!(problems, 0);
+
     // A row written to a partition goes to Vault under the declared table.
     admin
         .execute("INSERT INTO creds VALUES (2, 7, 'w-part-new')", &[])
@@ -1028,6 +1037,7 @@ fn prepare_transaction_refused() {
     assert_eq!(db.code().code(), "0A000", "{}", describe(&error));
     assert!(db.hint().is_some());
     assert!(stack.kv_get("global/tls").unwrap().get("cert").is_some());
+
     // A transaction without secrets prepares as usual.
     app.batch_execute(
         "BEGIN;
@@ -1043,6 +1053,7 @@ fn prepare_transaction_refused() {
 fn proposals_end_with_their_statement() {
     let stack = migrated_stack();
     let mut app = stack.pg.connect("app");
+
     // One Query message: the DO NOTHING proposal of the first INSERT must
     // not reach Vault through the second INSERT of the same path.
     app.batch_execute(
@@ -1059,6 +1070,7 @@ fn proposals_end_with_their_statement() {
         stack.kv_get("global/omapi-key"),
         Some(json!({ "secret": "w-stored" }))
     );
+
     // A DO block: the proposal ignored by DO NOTHING must not be taken by
     // a later UPDATE that writes back the row's reference.
     let original = stack.kv_get("global/macaroon-key").unwrap();
@@ -1072,6 +1084,7 @@ fn proposals_end_with_their_statement() {
     )
     .unwrap();
     assert_eq!(stack.kv_get("global/macaroon-key"), Some(original));
+
     // An error inside a savepoint ends the statements it interrupted.
     app.batch_execute(
         "DO $$ BEGIN
@@ -1105,6 +1118,7 @@ fn serialization_failure_puts_values_back() {
             .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
             .unwrap();
     }
+
     // A write skew: each reads the row the other writes.
     first
         .query(
@@ -1140,6 +1154,7 @@ fn serialization_failure_puts_values_back() {
         "{}",
         describe(&error)
     );
+
     // The second commit wrote its secret before PostgreSQL refused it, and
     // the abort put the earlier value back. PostgreSQL sends the error
     // before it aborts, so the session's next statement is what waits for
@@ -1181,6 +1196,7 @@ fn cancel_during_commit_rolls_back() {
     let stack = migrated_stack();
     let original = stack.kv_get("global/tls").unwrap();
     let mut writer = stack.pg.connect("app");
+
     // A backstop, so that a cancel that is never acted on fails the test
     // instead of hanging it.
     writer
@@ -1200,6 +1216,7 @@ fn cancel_during_commit_rolls_back() {
         let result = writer.batch_execute("COMMIT");
         (writer, result)
     });
+
     // Waits until the COMMIT is stuck in its request to the stopped server.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -1259,6 +1276,7 @@ fn other_database_not_configured() {
              SELECT vault_redirect.declare_kv_table('maasserver_secret', 'path', 'value');",
         )
         .unwrap();
+
     // The configuration belongs to database postgres: another database of
     // the cluster, maybe a copy of it, must not delete or replace its
     // entries.
