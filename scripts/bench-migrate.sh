@@ -40,11 +40,7 @@ for tool in bao curl python3 readelf runuser; do
   fi
 done
 
-# Inherited settings must not point the CLI or psql at another server, and
-# Rust backtrace variables would make the server append backtraces to errors.
-while read -r name; do
-  unset "$name"
-done < <(compgen -e | grep -E '^(BAO_|VAULT_|PG|RUST_BACKTRACE|RUST_LIB_BACKTRACE)' | grep -v '^PGRX_' || true)
+clear_server_environment
 
 secrets_mount=secret
 secrets_path=maas
@@ -70,19 +66,8 @@ bao_pid=""
 sampler_pid=""
 pg_started=0
 
-run_as_postgres() {
-  local program="$1"
-  shift
-  (cd / && runuser -u postgres -- "$PG_BINDIR/$program" "$@")
-}
-
 psql_bench() {
   run_as_postgres psql -X -v ON_ERROR_STOP=1 -h "$pg_data" -p "$pg_port" -d postgres "$@"
-}
-
-# Prints the end of the OpenBao log without the root token and unseal key.
-bao_log_tail() {
-  tail -n 20 "$bao_log" | grep -vE '^(Root Token|Unseal Key):' || true
 }
 
 # Prints the end of the PostgreSQL log without the memory context dumps and

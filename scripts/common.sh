@@ -133,6 +133,12 @@ clear_server_environment() {
   done < <(compgen -e | grep -E '^(BAO_|VAULT_|PG|RUST_BACKTRACE|RUST_LIB_BACKTRACE)' | grep -v '^PGRX_' || true)
 }
 
+# Prints the end of the OpenBao log $bao_log without the root token and
+# unseal key, which a dev server writes there.
+bao_log_tail() {
+  tail -n 20 "$bao_log" | grep -vE '^(Root Token|Unseal Key):' || true
+}
+
 # Runs PostgreSQL program $1 with the other arguments as the postgres OS
 # user, from /, which that user can always enter.
 run_as_postgres() {

@@ -45,11 +45,6 @@ psql_demo() {
   run_as_postgres psql -X -v ON_ERROR_STOP=1 -h "$pg_data" -p "$pg_port" -d postgres "$@"
 }
 
-# Prints the end of the OpenBao log without the root token and unseal key.
-bao_log_tail() {
-  tail -n 20 "$bao_log" | grep -vE '^(Root Token|Unseal Key):' || true
-}
-
 # Prints the end of the PostgreSQL log without lines that contain the
 # role_id or the wrapping token: PostgreSQL logs the text of a failing
 # statement (log_min_error_statement), which includes the configure() call.

@@ -105,6 +105,17 @@ pub fn drop_triggers(qualified_table: &str) -> Result<(), Failure> {
 
 /// Returns the migrated declarations of the table the trigger was made for.
 fn migrated_declarations(trigger: &PgTrigger<'_>) -> Vec<Declaration> {
+    let (schema, name) = declared_table(trigger);
+    declare::load_declarations(Some((&schema, &name)))
+        .or_raise()
+        .into_iter()
+        .filter(|d| d.migrated)
+        .collect()
+}
+
+/// Returns the schema and name of the declared table, which the trigger's
+/// arguments give.
+fn declared_table(trigger: &PgTrigger<'_>) -> (String, String) {
     let args = trigger.extra_args().unwrap_or_default();
     let [schema, name] = args.as_slice() else {
         Failure::new(
@@ -117,11 +128,7 @@ fn migrated_declarations(trigger: &PgTrigger<'_>) -> Vec<Declaration> {
         .hint("Declare the table again to recreate its triggers.")
         .raise()
     };
-    declare::load_declarations(Some((schema, name)))
-        .or_raise()
-        .into_iter()
-        .filter(|d| d.migrated)
-        .collect()
+    (schema.clone(), name.clone())
 }
 
 /// A row given to a trigger: a heap tuple and its descriptor.
@@ -272,7 +279,14 @@ fn redirect_write<'a>(
         return Ok(None);
     };
     let mut new = new.into_owned();
-    let declarations = migrated_declarations(trigger);
+    // One query per row: the table's own declarations, and all of them for
+    // the check of which table owns a path.
+    let all_declarations = declare::load_declarations(None).or_raise();
+    let (schema, name) = declared_table(trigger);
+    let declarations: Vec<&Declaration> = all_declarations
+        .iter()
+        .filter(|d| d.migrated && d.table_schema == schema && d.table_name == name)
+        .collect();
     if declarations.is_empty() {
         return Ok(Some(new));
     }
@@ -294,10 +308,10 @@ fn redirect_write<'a>(
         new: &new_image,
         old: old_image.as_ref(),
         updated_columns: data.tg_updatedcols,
-        all_declarations: declare::load_declarations(None).or_raise(),
+        all_declarations: &all_declarations,
     };
     let mut changes = Vec::new();
-    for declaration in &declarations {
+    for declaration in declarations {
         if let Some(change) = write.column(declaration).or_raise() {
             changes.push(change);
         }
@@ -320,7 +334,7 @@ struct RowWrite<'a> {
     old: Option<&'a RowImage>,
     /// The columns that the UPDATE assigns.
     updated_columns: *const pg_sys::Bitmapset,
-    all_declarations: Vec<Declaration>,
+    all_declarations: &'a [Declaration],
 }
 
 impl RowWrite<'_> {
@@ -366,7 +380,7 @@ impl RowWrite<'_> {
             (Some(value), Some((old_path, old_value)))
                 if old_path != &path && value == old_value =>
             {
-                check_owner(declaration, &path, &label, &self.all_declarations)?;
+                check_owner(declaration, &path, &label, self.all_declarations)?;
                 let entry = crate::read::fetch(old_path).map_err(|f| f.context(&label))?;
                 let reference = moved_reference(declaration, is_json, value, &path);
                 check_length(&reference, max_chars, &label, &column)?;
@@ -388,7 +402,7 @@ impl RowWrite<'_> {
                         data,
                         reference,
                     } => {
-                        check_owner(declaration, &path, &label, &self.all_declarations)?;
+                        check_owner(declaration, &path, &label, self.all_declarations)?;
                         check_length(&reference, max_chars, &label, &column)?;
                         match self.old {
                             Some(_) => pending::add(kv_path, data, label),
